@@ -20,6 +20,7 @@ from avatar_jax.data.synthdyad import config as config_lib
 from avatar_jax.data.synthdyad import flame as flame_lib
 from avatar_jax.data.synthdyad import identity as identity_lib
 from avatar_jax.data.synthdyad import motion as motion_lib
+from avatar_jax.data.synthdyad import render as render_lib
 from avatar_jax.data.synthdyad import script as script_lib
 
 SynthDyadConfig = config_lib.SynthDyadConfig
@@ -170,7 +171,6 @@ def make_sample(split: str, index: int, *, seed: int = 0, config: SynthDyadConfi
       "identity_partner": conv.identities[other].identity_id,
   }
   if render:
-    from avatar_jax.data.synthdyad import render as render_lib  # pylint: disable=g-import-not-at-top
     res = conv.config.resolution
     sample["video"] = render_lib.render(conv.motion[me], conv.identities[me], res)
     sample["partner_video"] = render_lib.render(conv.motion[other], conv.identities[other], res)
