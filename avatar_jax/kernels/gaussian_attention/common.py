@@ -259,8 +259,10 @@ def block_codes(spec: MaskSpec, q_stats: BlockStats, k_stats: BlockStats, inv):
   """All block codes: [B, H, n_q_blocks, n_k_blocks] int32 (inv: [H] float32)."""
   q = [x[:, None, :, None] for x in q_stats[:4]]
   k = [x[:, None, None, :] for x in k_stats]
-  return block_code(spec, q[0], q[1], q[2], q[3], k[0], k[1], k[2], k[3], k[4],
-                    inv[None, :, None, None])
+  codes = block_code(spec, q[0], q[1], q[2], q[3], k[0], k[1], k[2], k[3], k[4],
+                     inv[None, :, None, None])
+  shape = (q_stats.t_min.shape[0], inv.shape[0], q_stats.t_min.shape[1], k_stats.t_min.shape[1])
+  return jnp.broadcast_to(codes, shape)
 
 
 def kv_block_range(codes):
