@@ -150,15 +150,20 @@ def test_jaw_leak():
 
 def test_planted_nods_detected_and_f1():
   rng = np.random.default_rng(4)
-  s = make_clip(rng, nod_starts=(1.0, 5.0, 8.0))
+  s = make_clip(rng, nod_starts=(4.5, 6.0, 8.0))
   pred = s["motion_self"].copy()
   det = sm.detect_nods(pred[:, sm.PITCH].astype(np.float64), FPS)
   assert det.size == 3
-  for d, start in zip(np.sort(det), (1.0, 5.0, 8.0)):
+  for d, start in zip(np.sort(det), (4.5, 6.0, 8.0)):
     assert start - 0.1 <= d <= start + 1.0
   assert metrics(pred, s)["nod_f1"] == 1.0
+  # A nod while the avatar itself speaks ([0, 4) s) is a talking gesture, not scored.
+  pred_talk = pred.copy()
+  pred_talk[:, sm.PITCH] += _nod(len(pred), 1.5)[0]
+  assert sm.detect_nods(pred_talk[:, sm.PITCH].astype(np.float64), FPS).size == 4
+  assert metrics(pred_talk, s)["nod_f1"] == 1.0
   # Remove one planted nod from the prediction: tp=2, fn=1 → F1 = 4/5.
-  x, _ = _nod(len(pred), 5.0)
+  x, _ = _nod(len(pred), 6.0)
   pred[:, sm.PITCH] -= x
   m = metrics(pred, s)
   assert (m["nod_tp"], m["nod_fp"], m["nod_fn"]) == (2, 0, 1)
@@ -170,9 +175,29 @@ def test_planted_nods_detected_and_f1():
   assert math.isnan(metrics(s_none["motion_self"] * 0, s_none)["nod_f1"])
   # A nod in the prediction where the truth has none is a false positive.
   pred = s_none["motion_self"].copy()
-  pred[:, sm.PITCH] += _nod(len(pred), 3.0)[0]
+  pred[:, sm.PITCH] += _nod(len(pred), 5.0)[0]
   m = metrics(pred, s_none)
   assert (m["nod_tp"], m["nod_fp"], m["nod_fn"], m["nod_f1"]) == (0, 1, 0, 0.0)
+
+
+def test_phrase_events_define_the_unscored_speech():
+  """With 'phrase' events, detections within 0.2 s of the avatar's own phrases are dropped."""
+  rng = np.random.default_rng(12)
+  types = EVENT_TYPES + ("phrase",)
+  s = make_clip(rng, nod_starts=(6.0,))
+  ev = s["events"]
+  phrase = len(EVENT_TYPES)
+  s["events"] = dict(type=np.append(ev["type"], [phrase, phrase]),
+                     start=np.append(ev["start"], [0.2, 7.5]), end=np.append(ev["end"], [3.0, 7.9]),
+                     who=np.append(ev["who"], [0, 0]))
+  pred = s["motion_self"].copy()
+  # 1.0 s: inside a phrase → dropped; 3.6 s: speaking_self but > 0.2 s after the phrase → scored
+  # (phrases, not the speaking mask, decide when events exist); 8.8 s: listening → scored.
+  for start in (1.0, 3.6, 8.8):
+    pred[:, sm.PITCH] += _nod(len(pred), start)[0]
+  assert sm.detect_nods(pred[:, sm.PITCH].astype(np.float64), FPS).size == 4
+  m = sm.clip_metrics(pred, s, event_types=types)
+  assert (m["nod_tp"], m["nod_fp"], m["nod_fn"]) == (1, 2, 0)
 
 
 def test_matching_equals_brute_force():
@@ -204,7 +229,7 @@ def test_responses_match_reference_and_scale():
 
 def test_truncation_aggregate_and_table():
   rng = np.random.default_rng(7)
-  clips = [make_clip(rng), make_clip(rng, laugh=(), nod_starts=(2.0, 7.0))]
+  clips = [make_clip(rng), make_clip(rng, laugh=(), nod_starts=(5.0, 7.0))]
   res = [metrics(c["motion_self"][:-13], c) for c in clips]  # shorter prediction is fine
   assert res[0]["frames"] == 237
   agg = sm.aggregate(res)
@@ -223,3 +248,28 @@ def test_bad_input_errors():
     metrics(np.zeros((10, 3)), s)
   with pytest.raises(KeyError, match="speaking_self"):
     metrics(s["motion_self"], {k: v for k, v in s.items() if k != "speaking_self"})
+
+
+# ---- real SynthDyad samples -------------------------------------------------------------------
+def test_truth_on_generated_samples_is_near_perfect():
+  sd = pytest.importorskip("avatar_jax.data.synthdyad.generator")
+  from avatar_jax.data.synthdyad import audio as sd_audio
+  assert tuple(sd.MOTION_CHANNELS[:10]) == sm.CONTRACT_CHANNELS
+  res, leaky = [], []
+  for split, i in (("test", 0), ("test", 1), ("test", 2), ("test", 3), ("ood", 0), ("ood", 1),
+                   ("ood", 2), ("ood", 3)):
+    s = sd.make_sample(split, i, render=False)
+    m = sm.clip_metrics(s["motion_self"], s)
+    assert m["lip_corr"] == pytest.approx(1.0) and m["lip_offset"] == 0 and m["lip_lag"] == 1
+    res.append(m)
+    # A model that moves its jaw with the partner's audio leaks, and its lips are off.
+    bad = s["motion_self"].copy()
+    env_p = sd_audio.envelope(s["audio_partner"], s["sample_rate"], s["fps"])[:len(bad)]
+    bad[:, sm.JAW] = env_p / max(env_p.max(), 1e-6)
+    leaky.append(sm.clip_metrics(bad, s))
+  agg, agg_bad = sm.aggregate(res), sm.aggregate(leaky)
+  assert agg["jaw_leak"] < 0.02 and agg_bad["jaw_leak"] > 5 * agg["jaw_leak"] + 0.05
+  assert agg_bad["lip_corr"] < 0.5 and agg_bad["lip_conf"] < agg["lip_conf"]
+  assert agg["nod_f1_micro"] >= 0.9
+  for key in ("smile_resp", "brow_resp"):
+    assert agg[key + "_n"] == 0 or agg[key] == pytest.approx(1.0)

@@ -42,7 +42,8 @@ LISTENING = ("jaw_leak", "nod_f1", "smile_resp", "brow_resp")
 MAX_LAG = 15                 # frames, ± range of the lip cross-correlation (SyncNet's ±15)
 MIN_OVERLAP = 10             # frames a lag needs in the correlation to count
 NOD_BAND_HZ = (1.5, 3.0)     # nod oscillation band (truth nods are 2-2.5 Hz)
-NOD_THRESHOLD = 0.03         # rad, minimum band amplitude (Hilbert envelope) of a detected nod
+NOD_THRESHOLD = 0.015        # rad, minimum band amplitude (Hilbert envelope) of a detected nod
+NOD_SPEECH_MARGIN_S = 0.2    # s, detections this close to the avatar's own phrases are ignored
 NOD_MIN_SEPARATION_S = 0.8   # s, two detections closer than this are one nod
 NOD_TOLERANCE_S = 0.4        # s, allowed distance between a detection and a true nod interval
 RESP_AFTER_S = (0.5, 2.0)    # s after the anchor, the response window
@@ -141,14 +142,31 @@ def nod_band_amplitude(pitch: np.ndarray, fps: float, band: tuple[float, float] 
 
 
 def detect_nods(pitch: np.ndarray, fps: float, threshold: float = NOD_THRESHOLD,
-                min_separation_s: float = NOD_MIN_SEPARATION_S) -> np.ndarray:
-  """Times (s) of detected nods: peaks of the nod-band amplitude above `threshold` rad."""
+                min_separation_s: float = NOD_MIN_SEPARATION_S,
+                exclude: np.ndarray | None = None) -> np.ndarray:
+  """Times (s) of detected nods: peaks of the nod-band amplitude above `threshold` rad.
+
+  Peaks are found on the whole track, then those at frames where `exclude [T]` is set are dropped
+  (dropping after peak picking keeps a masked region from creating peaks at its border).
+  """
   if pitch.shape[0] < 4:
     return np.zeros(0)
   amp = nod_band_amplitude(pitch, fps)
   peaks, _ = signal.find_peaks(amp, height=threshold,
                                distance=max(1, int(round(min_separation_s * fps))))
+  if exclude is not None:
+    peaks = peaks[~np.asarray(exclude, bool)[peaks]]
   return peaks.astype(np.float64) / fps
+
+
+def own_phrase_mask(num_frames: int, fps: float, starts: np.ndarray, ends: np.ndarray,
+                    margin_s: float = NOD_SPEECH_MARGIN_S) -> np.ndarray:
+  """[T] bool: frame time within `margin_s` of any interval [start, end]."""
+  t = np.arange(num_frames) / fps
+  mask = np.zeros(num_frames, bool)
+  for a, b in zip(starts, ends):
+    mask |= (t >= a - margin_s) & (t <= b + margin_s)
+  return mask
 
 
 def match_events(detections: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -299,9 +317,17 @@ def clip_metrics(pred_motion: Any, sample: Mapping[str, Any], *,
   out["n_partner_only"] = float(partner_only.sum())
   out["jaw_leak"] = float(pred[partner_only, JAW].mean()) if partner_only.any() else math.nan
 
-  # Listening: nods of the avatar that start inside the clip.
+  # Listening: nods of the avatar that start inside the clip. While the avatar speaks its head
+  # makes beat gestures (sharp pitch dips) with energy in the nod band; nods are a listening
+  # behaviour, so detections near its own phrases are not scored ("mm" backchannels are not
+  # phrases, so their nods are).
   sel = select("nod", SELF) & (ev_start < duration)
-  detections = detect_nods(pred[:, PITCH], fps, nod_threshold)
+  if "phrase" in names:
+    ph = select("phrase", SELF)
+    speech = own_phrase_mask(n, fps, ev_start[ph], ev_end[ph])
+  else:
+    speech = own_phrase_mask(n, fps, np.flatnonzero(sp_self) / fps, np.flatnonzero(sp_self) / fps)
+  detections = detect_nods(pred[:, PITCH], fps, nod_threshold, exclude=speech)
   tp = match_events(detections, ev_start[sel], ev_end[sel])
   out["nod_tp"], out["nod_fp"], out["nod_fn"] = float(tp), float(detections.size - tp), float(
       sel.sum() - tp)
