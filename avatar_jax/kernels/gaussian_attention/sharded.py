@@ -1,0 +1,115 @@
+"""Gaussian attention under a device mesh: a `shard_map` wrapper around `api.gaussian_attention`.
+
+Layout (mesh axes of sharding.py): batch over (`data`, `fsdp`), heads over `tensor`, and the
+sequence over `context` (sequence parallel). Attention is independent per (batch, head), so
+batch and head sharding need no communication. With a `context` axis of size > 1 each device
+holds a slice of the queries and of the keys; K, V, key times and key segment ids are
+all-gathered over `context` inside the map (the backward of the all-gather is a
+reduce-scatter, so dK/dV come back sharded). That costs one full copy of K/V per device, which
+is fine for the sequence lengths of this project; a ring (ppermute) schedule would avoid it.
+
+σ [H] is sharded like the heads; its gradient is summed over the batch / context devices by
+shard_map's transpose.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from avatar_jax.kernels.gaussian_attention import api
+
+
+def _present(mesh, axes):
+  return tuple(a for a in axes if a in mesh.axis_names)
+
+
+def _size(mesh, axes):
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _spec_entry(axes):
+  if not axes:
+    return None
+  return axes[0] if len(axes) == 1 else axes
+
+
+def sharded_gaussian_attention(q, k, v, t_q, t_k, sigma, *, mesh=None,
+                               batch_axes=("data", "fsdp"), head_axis="tensor",
+                               context_axis="context", q_segment_ids=None,
+                               kv_segment_ids=None, **kwargs):
+  """`api.gaussian_attention` with q/k/v sharded over batch, heads and (optionally) sequence.
+
+  Args:
+    q: [B, Nq, H, D]; k, v: [B, Nk, Hkv, D]; t_q [B, Nq]; t_k [B, Nk]; sigma [H]: as in
+      `api.gaussian_attention`, as global (possibly sharded) arrays.
+    mesh: a `jax.sharding.Mesh`; default: the mesh set with `jax.set_mesh`.
+    batch_axes / head_axis / context_axis: mesh axis names; axes absent from the mesh are
+      ignored. B must divide by the batch axes' size, H and Hkv by the head axis' size, Nq and
+      Nk by the context axis' size.
+    q_segment_ids, kv_segment_ids, **kwargs: forwarded to `api.gaussian_attention`.
+
+  Returns:
+    [B, Nq, H, D] sharded as P(batch_axes, context_axis, head_axis, None).
+  """
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+      raise ValueError("sharded_gaussian_attention needs a mesh: pass mesh= or call it under "
+                       "jax.set_mesh(mesh)")
+  batch = _present(mesh, tuple(batch_axes))
+  heads = _present(mesh, (head_axis,) if head_axis else ())
+  ctx = _present(mesh, (context_axis,) if context_axis else ())
+  b, nq, h, _ = q.shape
+  nk, hkv = k.shape[1], k.shape[2]
+  checks = (("batch B", b, batch), ("heads H", h, heads), ("kv heads Hkv", hkv, heads),
+            ("query length Nq", nq, ctx), ("key length Nk", nk, ctx))
+  for what, n, axes in checks:
+    if n % _size(mesh, axes):
+      raise ValueError(f"sharded_gaussian_attention: {what}={n} is not divisible by the mesh "
+                       f"axes {axes} of total size {_size(mesh, axes)} (mesh {dict(mesh.shape)})")
+  bs, hs, cs = _spec_entry(batch), _spec_entry(heads), _spec_entry(ctx)
+  x_spec = P(bs, cs, hs, None)
+  t_spec = P(bs, cs)
+  gather = bool(ctx) and _size(mesh, ctx) > 1
+
+  args = [q, k, v, t_q, t_k, sigma]
+  specs = [x_spec, x_spec, x_spec, t_spec, t_spec, P(hs)]
+  has_q_seg, has_kv_seg = q_segment_ids is not None, kv_segment_ids is not None
+  if has_q_seg:
+    args.append(q_segment_ids)
+    specs.append(t_spec)
+  if has_kv_seg:
+    args.append(kv_segment_ids)
+    specs.append(t_spec)
+
+  def local(q, k, v, t_q, t_k, sigma, *segs):
+    segs = list(segs)
+    q_seg = segs.pop(0) if has_q_seg else None
+    kv_seg = segs.pop(0) if has_kv_seg else None
+    if gather:
+      all_gather = functools.partial(jax.lax.all_gather, axis_name=ctx, axis=1, tiled=True)
+      k, v, t_k = all_gather(k), all_gather(v), all_gather(t_k)
+      if kv_seg is not None:
+        kv_seg = all_gather(kv_seg)
+    return api.gaussian_attention(q, k, v, t_q, t_k, sigma, q_segment_ids=q_seg,
+                                  kv_segment_ids=kv_seg, **kwargs)
+
+  if _explicit(mesh):
+    # Explicit-sharding meshes (the jax.make_mesh default) require inputs to already carry
+    # the in_specs; reshard says so in the program instead of failing.
+    args = [jax.sharding.reshard(a, NamedSharding(mesh, s)) if isinstance(mesh, Mesh)
+            else jax.sharding.reshard(a, s) for a, s in zip(args, specs)]
+  # check_vma=False: the backends (scans with constant carries, pallas_call) are not written
+  # against shard_map's varying-axis types; shard_map then psums the cotangents of inputs
+  # that are replicated over some axes (σ over batch/context), which is what we need.
+  fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=x_spec,
+                     check_vma=False)
+  return fn(*args)
+
+
+def _explicit(mesh) -> bool:
+  types = getattr(mesh, "axis_types", ())
+  return any(t == AxisType.Explicit for t in types)
