@@ -24,6 +24,7 @@ BACKCHANNEL_NOD_AMP_RANGE = (0.05, 0.08)
 BACKCHANNEL_DUR_RANGE = (0.16, 0.24)  # "mm" of ~200 ms
 LAUGH_BURSTS = (3, 5)
 LAUGH_RATE_RANGE = (4.5, 5.5)
+LAUGH_GAP_S = 0.03  # between the last syllable and the first burst
 SMILE_RISE_S = 0.3
 SMILE_HOLD_RANGE = (1.0, 3.0)
 SMILE_DECAY_RANGE = (0.4, 0.8)
@@ -143,8 +144,12 @@ def _make_turns(rng, identities, cfg: config_lib.SynthDyadConfig):
     n_bursts = int(rng.integers(LAUGH_BURSTS[0], LAUGH_BURSTS[1] + 1))
     laugh_rate = _uniform(rng, LAUGH_RATE_RANGE)
     laugh_s = n_bursts / laugh_rate if laugh else 0.0
-    # Speech must end early enough that the laughter still fits in the turn.
-    speech_end = t + max(length - laugh_s, lo_syl * syl_s)
+    laugh_total = laugh_s + LAUGH_GAP_S if laugh else 0.0
+    # Speech must end early enough that the laughter still fits in the turn; the turn (speech plus
+    # laughter) is never shorter than turn_range[0].
+    room2 = lo_syl * syl_s * 1.2  # the longest possible minimal phrase
+    speech_end = t + max(length - laugh_total, room2)
+    speech_min = t + cfg.turn_range[0] - laugh_total
     turn_index = len(turns)
     turn_phrases = []
     p_start = t
@@ -152,24 +157,32 @@ def _make_turns(rng, identities, cfg: config_lib.SynthDyadConfig):
       n = int(rng.integers(lo_syl, hi_syl + 1))
       syllables = []
       s = p_start
-      for j in range(n):
+      while True:
         d = syl_s * _uniform(rng, (0.8, 1.2))
         onset = _uniform(rng, CONSONANT_RANGE) if rng.random() < CONSONANT_P else 0.0
         vowel = VOWELS[int(rng.integers(len(VOWELS)))]
         accent = bool(rng.random() < cfg.p_accent)
         beat = s + _uniform(rng, (-ACCENT_BEAT_JITTER_S, ACCENT_BEAT_JITTER_S))
         depth = _uniform(rng, ACCENT_BEAT_RANGE)
-        if j >= lo_syl and s + d > speech_end:
-          break
+        k = len(syllables)
+        if k >= lo_syl:
+          if k >= hi_syl or (s + d > speech_end and s >= speech_min):
+            break
+          # Past its drawn length, a phrase only grows to fill a turn end too short for another.
+          if k >= n and speech_end - s >= cfg.pause_range[0] + room2:
+            break
         syllables.append(Syllable(s, s + d, onset, vowel, accent, beat, depth))
         s += d
       pause = _uniform(rng, cfg.pause_range)
       question = bool(rng.random() < cfg.p_question)
-      last = s + pause + lo_syl * syl_s * 1.2 > speech_end
+      room = speech_end - s
+      if room < pause + room2 and room >= cfg.pause_range[0] + room2:
+        pause = room - room2  # shorten the pause so that one more phrase fits
+      last = room < pause + room2 and s >= speech_min
       laughter = None
       end = s
       if last and laugh:
-        laughter = (s + 0.03, s + 0.03 + laugh_s)
+        laughter = (s + LAUGH_GAP_S, s + laugh_total)
         end = laughter[1]
         question = False
       turn_phrases.append(Phrase(speaker, turn_index, p_start, end, tuple(syllables), question,
