@@ -24,6 +24,7 @@ BACKCHANNEL_NOD_AMP_RANGE = (0.05, 0.08)
 BACKCHANNEL_DUR_RANGE = (0.16, 0.24)  # "mm" of ~200 ms
 LAUGH_BURSTS = (3, 5)
 LAUGH_RATE_RANGE = (4.5, 5.5)
+LAUGH_MIN_S = 0.6  # 3-5 bursts last 0.6-1.2 s
 LAUGH_GAP_S = 0.03  # between the last syllable and the first burst
 SMILE_RISE_S = 0.3
 SMILE_HOLD_RANGE = (1.0, 3.0)
@@ -142,7 +143,8 @@ def _make_turns(rng, identities, cfg: config_lib.SynthDyadConfig):
     length = _uniform(rng, cfg.turn_range)
     laugh = rng.random() < cfg.p_laughter
     n_bursts = int(rng.integers(LAUGH_BURSTS[0], LAUGH_BURSTS[1] + 1))
-    laugh_rate = _uniform(rng, LAUGH_RATE_RANGE)
+    # Burst rate in 4.5-5.5 Hz, capped so that the laughter lasts at least LAUGH_MIN_S.
+    laugh_rate = _uniform(rng, (LAUGH_RATE_RANGE[0], min(LAUGH_RATE_RANGE[1], n_bursts / LAUGH_MIN_S)))
     laugh_s = n_bursts / laugh_rate if laugh else 0.0
     laugh_total = laugh_s + LAUGH_GAP_S if laugh else 0.0
     # Speech must end early enough that the laughter still fits in the turn; the turn (speech plus
