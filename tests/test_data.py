@@ -310,3 +310,146 @@ def test_to_global_shards_leading_dim_over_mesh():
     pipeline.to_global(batch, mesh, axes=("data", "pipeline"))
   with pytest.raises(ValueError, match="divisible"):
     pipeline.to_global({"x": np.zeros((6, 2))}, mesh)
+
+
+# ===================================================================================== builders
+import os  # noqa: E402
+
+import scipy.io.wavfile  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from avatar_jax.data import media  # noqa: E402
+from avatar_jax.data.builders import build as build_lib  # noqa: E402
+from avatar_jax.data.builders.dualtalk import dualtalk_dataset_builder as dualtalk  # noqa: E402
+
+
+def _assert_same_sample(record, sample, where):
+  for k, v in sample.items():
+    assert k in record, f"{where}: {k} missing"
+    if k == "events":
+      assert set(record[k]) == set(v)
+      for kk in v:
+        assert record[k][kk].dtype == v[kk].dtype, f"{where}: events/{kk}"
+        np.testing.assert_array_equal(record[k][kk], v[kk], err_msg=f"{where}: events/{kk}")
+    elif isinstance(v, np.ndarray):
+      assert record[k].dtype == v.dtype and record[k].shape == v.shape, f"{where}: {k}"
+      np.testing.assert_array_equal(record[k], v, err_msg=f"{where}: {k}")
+    else:
+      assert record[k] == v, f"{where}: {k}"
+
+
+@pytest.fixture(scope="module")
+def synthdyad_tfds(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  sizes = dict(train_size=3, test_size=2, ood_size=1)
+  build_lib.build("synthdyad/tiny", data_dir=data_dir, config_name="t3", **sizes)
+  return data_dir, sizes
+
+
+def test_synthdyad_builder_round_trips_generator_exactly(synthdyad_tfds):
+  data_dir, sizes = synthdyad_tfds
+  for split in ("train", "test", "ood"):
+    source = tfds.data_source("synthdyad/t3", split=split, data_dir=data_dir)  # no TensorFlow
+    assert len(source) == sizes[f"{split}_size"]
+    gen_cfg = dataclasses.replace(sd.regime_for(split), resolution=32, duration_s=2.0)
+    for i in range(len(source)):
+      record = source[i]
+      assert record["index"] == i
+      want = sd.make_sample(split, i, seed=0, config=gen_cfg, render=True)
+      assert record["video"].shape == (50, 32, 32, 3)
+      _assert_same_sample(record, want, f"{split}[{i}]")
+
+
+def test_pipeline_reads_tfds_like_the_generator(synthdyad_tfds):
+  data_dir, _ = synthdyad_tfds
+  c = _small_config(keep_keys=("video", "audio_partner"))
+  c.synthdyad.render, c.synthdyad.resolution = True, 32
+  c.split_sizes.test = 2
+  c.batch_size = 2
+  from_gen = list(pipeline.make(c, "test", shuffle=False, num_epochs=1, shard_index=0,
+                                shard_count=1))
+  c.source = "tfds"
+  c.tfds.name, c.tfds.data_dir = "synthdyad/t3", data_dir
+  from_tfds = list(pipeline.make(c, "test", shuffle=False, num_epochs=1, shard_index=0,
+                                 shard_count=1))
+  assert len(from_gen) == len(from_tfds) == 2  # 2 examples x 2 windows of 20 frames
+  for a, b in zip(from_gen, from_tfds):
+    _assert_batches_equal(a, b)
+
+
+def _write_dualtalk_folder(root, rng, convs):
+  """DualTalk layout: <split>/<name>_speaker{1,2}.{npz,wav}; returns the arrays written."""
+  written = {}
+  for split, names in convs.items():
+    os.makedirs(root / split, exist_ok=True)
+    for name, t in names:
+      for k in (1, 2):
+        tk = t + (k - 1)  # speaker 2 has one extra frame: the builder crops to the shorter
+        exp = rng.standard_normal((tk, 50)).astype(np.float32)
+        pose = rng.standard_normal((tk, 6)).astype(np.float32) * 0.1
+        np.savez(root / split / f"{name}_speaker{k}.npz", exp=exp, pose=pose,
+                 shape=np.zeros((tk, 100), np.float32))
+        wav = (rng.standard_normal(int(tk * 22050 / 25)) * 3000).astype(np.int16)
+        scipy.io.wavfile.write(root / split / f"{name}_speaker{k}.wav", 22050, wav)
+        written[(split, name, k)] = (exp, pose)
+  return written
+
+
+def test_dualtalk_builder(tmp_path):
+  rng = np.random.default_rng(7)
+  src = tmp_path / "DualTalk_Dataset"
+  convs = {"train": [("b_conv", 30), ("a_conv", 41)], "test": [("c_conv", 27)]}
+  written = _write_dualtalk_folder(src, rng, convs)
+  data_dir = str(tmp_path / "tfds")
+  build_lib.build("dualtalk", data_dir=data_dir, manual_dir=str(src))
+  for split, names in convs.items():
+    source = tfds.data_source("dualtalk", split=split, data_dir=data_dir)
+    assert len(source) == 2 * len(names)
+    for n, (name, t) in enumerate(sorted(names)):
+      for me in (1, 2):
+        rec = source[2 * n + me - 1]
+        other = 3 - me
+        assert rec["self_speaker"] == me and rec["fps"] == 25 and rec["sample_rate"] == 16000
+        assert (rec["name"].decode() if isinstance(rec["name"], bytes) else rec["name"]) == name
+        for key, spk in (("flame56_self", me), ("flame56_partner", other)):
+          exp, pose = written[(split, name, spk)]
+          want = np.zeros((t, 56), np.float32)
+          want[:, 0:50] = exp[:t]
+          want[:, 50:53] = pose[:t, 3:6]  # jaw
+          want[:, 53:56] = pose[:t, 0:3]  # global head rotation
+          np.testing.assert_array_equal(rec[key], want)
+        audio = media.read_audio(src / split / f"{name}_speaker{me}.wav", 16000)
+        s = len(rec["audio_self"])
+        assert abs(s - t * 640) <= 2  # shorter speaker's audio at 16 kHz
+        np.testing.assert_array_equal(rec["audio_self"], audio[:s])
+  # The pipeline runs on it: flame56 + mel, no SynthDyad-only keys.
+  c = _small_config(source="tfds", clip_frames=10, batch_size=2)
+  c.tfds.name, c.tfds.data_dir = "dualtalk", data_dir
+  batch = next(pipeline.make(c, "train", seed=0, shard_index=0, shard_count=1))
+  assert batch["flame56_self"].shape == (2, 10, 56) and batch["mel_partner"].shape == (2, 20, 80)
+  assert "motion_self" not in batch and (batch["identity_self"] == -1).all()
+
+
+def test_dualtalk_errors_name_file_and_key(tmp_path):
+  t = 12
+  np.savez(tmp_path / "x_speaker1.npz", exp=np.zeros((t, 50)))
+  with pytest.raises(KeyError, match=r"x_speaker1.npz: missing key 'pose'"):
+    dualtalk.load_speaker_npz(str(tmp_path / "x_speaker1.npz"))
+  np.savez(tmp_path / "y_speaker1.npz", exp=np.zeros((t, 49)), pose=np.zeros((t, 6)))
+  with pytest.raises(ValueError, match=r"y_speaker1.npz: key 'exp' must have shape \[T, 50\]"):
+    dualtalk.load_speaker_npz(str(tmp_path / "y_speaker1.npz"))
+  np.savez(tmp_path / "z_speaker1.npz", exp=np.zeros((t, 50)), pose=np.zeros((t + 1, 6)))
+  with pytest.raises(ValueError, match="z_speaker1.npz: 'exp' has 12 frames but 'pose' has 13"):
+    dualtalk.load_speaker_npz(str(tmp_path / "z_speaker1.npz"))
+  # Missing wav, reported by the builder with its path.
+  src = tmp_path / "src"
+  _write_dualtalk_folder(src, np.random.default_rng(0), {"train": [("q", 5)]})
+  os.remove(src / "train" / "q_speaker2.wav")
+  with pytest.raises(FileNotFoundError, match="q_speaker2.wav"):
+    build_lib.build("dualtalk", data_dir=str(tmp_path / "tfds"), manual_dir=str(src))
+  with pytest.raises(FileNotFoundError, match="needs --manual_dir"):
+    build_lib.build("dualtalk", data_dir=str(tmp_path / "tfds2"), manual_dir=str(tmp_path / "no"))
+  (tmp_path / "flat").mkdir()
+  (tmp_path / "flat" / "a_speaker1.npz").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="expected split folders"):
+    build_lib.build("dualtalk", data_dir=str(tmp_path / "tfds3"), manual_dir=str(tmp_path / "flat"))

@@ -12,11 +12,11 @@ Orbax handler (`grain.checkpoint.CheckpointHandler`) save and restore exactly.
 Per-example keys of a batch (leading batch dim `B = batch_size // shard_count` omitted; `T` =
 `clip_frames` video frames, `Ta = T * mel_rate / fps` mel frames, `S = T * sample_rate / fps`):
 
-  motion_self, motion_partner      float32 [T, C]
   flame56_self, flame56_partner    float32 [T, 56]
+  motion_self, motion_partner      float32 [T, C]          (SynthDyad sources)
   mel_<stream> (self, partner)     float32 [Ta, n_mels]   (`config.mel_streams`)
-  speaking_self, speaking_partner  bool    [T]
-  identity_self, identity_partner  int32   []
+  speaking_self, speaking_partner  bool    [T]              (SynthDyad sources)
+  identity_self, identity_partner  int32   []               (-1 where the source has none)
   clip_start, example_index        int32   []   window start frame / source example index
   optional (`config.keep_keys`): video, partner_video uint8 [T, H, W, 3], reference_image uint8
   [H, W, 3], audio_self / audio_partner / audio_background / audio_mix float32 [S].
@@ -57,7 +57,8 @@ _FRAME_KEYS = (  # [T, ...] per video frame; windowed with the clip.
     "partner_video",
 )
 _AUDIO_KEYS = ("audio_self", "audio_partner", "audio_background", "audio_mix")
-_ALWAYS_KEYS = (
+_REQUIRED_KEYS = ("flame56_self", "flame56_partner")
+_ALWAYS_KEYS = (  # whenever the source has them
     "motion_self",
     "motion_partner",
     "flame56_self",
@@ -231,9 +232,9 @@ def make_source(config: ml_collections.ConfigDict, split: str):
 
 # ==================================================================================== transforms
 def _num_frames(example: Mapping[str, Any], where: str) -> int:
-  if "motion_self" not in example:
-    raise KeyError(f"{where}: example has no 'motion_self'; keys are {sorted(example)}.")
-  return int(np.shape(example["motion_self"])[0])
+  if "flame56_self" not in example:
+    raise KeyError(f"{where}: example has no 'flame56_self'; keys are {sorted(example)}.")
+  return int(np.shape(example["flame56_self"])[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,19 +272,22 @@ class _Windower:
       )
     out: dict[str, Any] = {}
     for k in _FRAME_KEYS:
-      if k in _ALWAYS_KEYS or k in self.keys:
+      # flame56 is in every source; motion/speaking in SynthDyad (not DualTalk); video on request.
+      if k in _REQUIRED_KEYS or k in self.keys or (k in _ALWAYS_KEYS and k in example):
         if k not in example:
           raise KeyError(f"{where}: missing key {k!r}; keys are {sorted(example)}.")
         v = np.asarray(example[k])
         if v.shape[0] != t_total:
           raise ValueError(
-              f"{where}: {k!r} has {v.shape[0]} frames, motion_self has {t_total}."
+              f"{where}: {k!r} has {v.shape[0]} frames, flame56_self has {t_total}."
           )
         out[k] = v[start:start + t]
     for k in ("motion_self", "motion_partner", "flame56_self", "flame56_partner"):
-      out[k] = out[k].astype(np.float32)
+      if k in out:
+        out[k] = out[k].astype(np.float32)
     for k in ("speaking_self", "speaking_partner"):
-      out[k] = out[k].astype(bool)
+      if k in out:
+        out[k] = out[k].astype(bool)
     if "reference_image" in self.keys:
       out["reference_image"] = np.asarray(example["reference_image"], np.uint8)
     streams = set(self.mel_streams) | {k[len("audio_"):] for k in self.keys if k in _AUDIO_KEYS}

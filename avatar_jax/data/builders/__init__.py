@@ -1,0 +1,14 @@
+"""TFDS dataset builders (ArrayRecord output, readable without TensorFlow).
+
+Importing this package registers `synthdyad` and `dualtalk` with TFDS, so
+`tfds.data_source('synthdyad/r64', split='train', data_dir=...)` resolves them.
+"""
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from avatar_jax.data.builders import _compat  # noqa: F401  (before any builder)
+from avatar_jax.data.builders.dualtalk import dualtalk_dataset_builder
+from avatar_jax.data.builders.synthdyad import synthdyad_dataset_builder
+
+SynthDyad = synthdyad_dataset_builder.Builder
+SynthDyadBuilderConfig = synthdyad_dataset_builder.SynthDyadBuilderConfig
+DualTalk = dualtalk_dataset_builder.Builder

@@ -1,0 +1,1 @@
+"""TFDS builder `dualtalk` (see dualtalk_dataset_builder.py)."""

@@ -1,0 +1,147 @@
+"""TFDS builder `dualtalk`: a DualTalk-layout folder as ArrayRecord, read without TensorFlow.
+
+    python -m avatar_jax.data.builders.build dualtalk --manual_dir /path/to/DualTalk_Dataset \
+        --data_dir ~/tensorflow_datasets
+    tfds build avatar_jax/data/builders/dualtalk --manual_dir /path/to/DualTalk_Dataset \
+        --file_format array_record --data_dir ~/tensorflow_datasets
+
+Input layout (the released DualTalk dataset): `<manual_dir>/<split>/` for split in train, test,
+ood (those present), each holding per conversation `<name>_speaker1.npz`, `<name>_speaker1.wav`,
+`<name>_speaker2.npz`, `<name>_speaker2.wav`. Each npz has `exp` `[T, 50]` (FLAME expression) and
+`pose` `[T, 6]` (axis-angle: `pose[:, 0:3]` global head/neck rotation, `pose[:, 3:6]` jaw), at
+25 fps; other keys (e.g. `shape`) are ignored.
+
+The 56-d layout is DualTalk's own model input, `concat(exp, pose[:, 3:6], pose[:, 0:3])`:
+exp 0:50, jaw 50:53, head pose 53:56 (`to_flame56`). Every conversation gives two records, one per
+speaker as "self" (keys `flame56_self/partner`, `audio_self/partner` at 16 kHz, `name`,
+`self_speaker` in {1, 2}). The two speakers' tracks are cropped to the shorter one.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from avatar_jax.data.builders import _compat  # noqa: F401  pylint: disable=unused-import
+
+FPS = 25
+SAMPLE_RATE = 16000
+SPLITS = ("train", "test", "ood")
+_SUFFIX = "_speaker1.npz"
+
+
+def to_flame56(exp: np.ndarray, pose: np.ndarray) -> np.ndarray:
+  """DualTalk `exp [T, 50]`, `pose [T, 6]` -> `[T, 56]` = exp 0:50, jaw 50:53, head pose 53:56."""
+  return np.concatenate([exp[:, :50], pose[:, 3:6], pose[:, 0:3]], axis=1).astype(np.float32)
+
+
+def load_speaker_npz(path: str) -> np.ndarray:
+  """Reads one `<name>_speakerK.npz` and returns its `[T, 56]` FLAME vector; clear errors."""
+  try:
+    data = np.load(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"DualTalk motion file not found: {path}") from None
+  except Exception as e:
+    raise ValueError(f"{path}: not a readable npz file ({type(e).__name__}: {e}).") from e
+  with data:
+    arrays = {}
+    for key, width in (("exp", 50), ("pose", 6)):
+      if key not in data.files:
+        raise KeyError(f"{path}: missing key {key!r} (expected 'exp' [T, 50] and 'pose' [T, 6]; "
+                       f"found {sorted(data.files)}).")
+      a = np.asarray(data[key])
+      if a.ndim != 2 or a.shape[1] != width:
+        raise ValueError(f"{path}: key {key!r} must have shape [T, {width}], found {a.shape}.")
+      arrays[key] = a
+  if arrays["exp"].shape[0] != arrays["pose"].shape[0]:
+    raise ValueError(f"{path}: 'exp' has {arrays['exp'].shape[0]} frames but 'pose' has "
+                     f"{arrays['pose'].shape[0]}.")
+  return to_flame56(arrays["exp"], arrays["pose"])
+
+
+def conversations(folder: str) -> list[str]:
+  """Sorted conversation names `<name>` with a `<name>_speaker1.npz` in `folder`."""
+  return sorted(f[: -len(_SUFFIX)] for f in os.listdir(folder) if f.endswith(_SUFFIX))
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """DualTalk conversations: both speakers' FLAME-56 at 25 fps and 16 kHz audio."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Download the DualTalk dataset (https://huggingface.co/datasets/ZiqiaoPeng/DualTalk_Dataset),"
+      " unzip it and pass the folder holding train/ test/ (ood/) as --manual_dir."
+  )
+  disable_shuffling = True  # record 2n + k - 1 = conversation n (sorted names), speaker k as self
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    t = tfds.features.Tensor
+    return tfds.core.DatasetInfo(
+        builder=self,
+        disable_shuffling=self.disable_shuffling,
+        description=(
+            "DualTalk dyadic conversations (2505.18096) in the 56-d layout exp 0:50, jaw 50:53, "
+            "head pose 53:56; one record per (conversation, speaker as self)."
+        ),
+        features=tfds.features.FeaturesDict({
+            "name": tfds.features.Text(),
+            "self_speaker": np.int64,
+            "flame56_self": t(shape=(None, 56), dtype=np.float32),
+            "flame56_partner": t(shape=(None, 56), dtype=np.float32),
+            "audio_self": t(shape=(None,), dtype=np.float32),
+            "audio_partner": t(shape=(None,), dtype=np.float32),
+            "fps": np.int64,
+            "sample_rate": np.int64,
+        }),
+        homepage="https://github.com/ZiqiaoPeng/DualTalk",
+    )
+
+  def _split_generators(self, dl_manager):
+    root = os.fspath(dl_manager.manual_dir)
+    splits = {
+        s: self._generate_examples(os.path.join(root, s))
+        for s in SPLITS
+        if os.path.isdir(os.path.join(root, s))
+    }
+    if not splits:
+      raise FileNotFoundError(
+          f"{root}: expected split folders {SPLITS} holding <name>_speaker{{1,2}}.{{npz,wav}}; "
+          f"found {sorted(os.listdir(root)) if os.path.isdir(root) else 'no such folder'}."
+      )
+    return splits
+
+  def _generate_examples(self, folder: str):
+    from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
+
+    names = conversations(folder)
+    if not names:
+      raise FileNotFoundError(f"{folder}: no <name>{_SUFFIX} files.")
+    for n, name in enumerate(names):
+      flame, audio = [], []
+      for k in (1, 2):
+        stem = os.path.join(folder, f"{name}_speaker{k}")
+        flame.append(load_speaker_npz(stem + ".npz"))
+        if not os.path.exists(stem + ".wav"):
+          raise FileNotFoundError(f"DualTalk audio file not found: {stem}.wav")
+        audio.append(media.read_audio(stem + ".wav", target_sr=SAMPLE_RATE))
+      t = min(len(f) for f in flame)
+      if len(flame[0]) != len(flame[1]):
+        logging.info("%s: speakers have %d and %d frames; cropping to %d.", name,
+                     len(flame[0]), len(flame[1]), t)
+      s = min(len(a) for a in audio)
+      for me in (0, 1):
+        other = 1 - me
+        yield 2 * n + me, {  # integer keys: written in this order (disable_shuffling)
+            "name": name,
+            "self_speaker": me + 1,
+            "flame56_self": flame[me][:t],
+            "flame56_partner": flame[other][:t],
+            "audio_self": audio[me][:s],
+            "audio_partner": audio[other][:s],
+            "fps": FPS,
+            "sample_rate": SAMPLE_RATE,
+        }

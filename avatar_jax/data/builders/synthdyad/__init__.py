@@ -1,0 +1,1 @@
+"""TFDS builder `synthdyad` (see synthdyad_dataset_builder.py)."""
