@@ -1,6 +1,8 @@
 """SynthDyad generator: determinism, shapes, splits, and the generative rules checked on the truth."""
 import concurrent.futures
 import dataclasses
+import functools
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -71,6 +73,11 @@ def test_determinism_and_order_independence():
   _equal(a, sd.make_sample("train", 5, seed=3, config=cfg))
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     many = list(pool.map(lambda i: sd.make_sample("train", i, seed=3, config=cfg), [6, 5, 4]))
+  _equal(a, many[1])
+  # ... and in fresh worker processes.
+  spawn = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as pool:
+    many = list(pool.map(functools.partial(sd.make_sample, "train", seed=3, config=cfg), [2, 5]))
   _equal(a, many[1])
   # Other seed / index / split differ.
   c = sd.make_sample("train", 5, seed=4, config=cfg)
@@ -175,6 +182,24 @@ def test_reference_image_is_neutral_render():
     assert np.array_equal(s["video"], render.render(s["motion_self"], ident, 48))
     partner = sd.identity_for(split, s["identity_partner"], 2)
     assert np.array_equal(s["partner_video"], render.render(s["motion_partner"], partner, 48))
+
+
+def test_render_boxes_never_cut_a_part():
+  rng = np.random.default_rng(3)
+  n = 24
+  m = np.zeros((n, len(sd.MOTION_CHANNELS)), np.float32)
+  for name, lo, hi in (("jaw_open", 0, 1), ("lip_round", -1, 1), ("smile", 0, 1), ("blink", 0, 1),
+                       ("brow_raise", 0, 1), ("gaze_x", -1, 1), ("gaze_y", -1, 1),
+                       ("head_pitch", -0.4, 0.4), ("head_yaw", -0.5, 0.5),
+                       ("head_roll", -0.4, 0.4)):
+    m[:, C[name]] = rng.uniform(lo, hi, n)
+  m[:4, C["jaw_open"]], m[:4, C["smile"]], m[:4, C["brow_raise"]] = 1.0, 1.0, 1.0
+  for res in (23, 64):
+    ident = sd.identity_for("train", int(rng.integers(1000)))
+    colours = render._colours(ident)
+    fast = render._render_block(m, ident, res, colours)
+    full = render._render_block(m, ident, res, colours, boxes=False)
+    np.testing.assert_allclose(fast, full, atol=1e-5)
 
 
 def test_renderer_responds_to_each_channel():

@@ -13,7 +13,7 @@ Geometry (head units: the head ellipse has half-height 1, half-width face_aspect
   eyes      whites + pupils moved by gaze; upper lids close with blink
   brows     capsules lifted by brow_raise, thickness from the identity
   mouth     lips ellipse + dark interior; height from jaw_open, width/height from lip_round,
-            centre line bent upward at the corners by smile
+            centre line bent upward at the corners and widened by smile
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ FEATURE_SHIFT = 1.2  # head units of feature shift per radian of yaw / pitch
 EYE_Y, EYE_RX, EYE_RY, PUPIL_R = -0.12, 0.14, 0.085, 0.055
 GAZE_RANGE = (0.08, 0.05)  # pupil offset (head units) at gaze = 1
 BROW_Y, BROW_LIFT, BROW_HALF_LEN = -0.30, 0.12, 0.15
-MOUTH_Y, LIP_THICK, JAW_OPEN_H, SMILE_BEND = 0.47, 0.045, 0.17, 0.12
+MOUTH_Y, LIP_THICK, JAW_OPEN_H, SMILE_BEND, SMILE_WIDEN = 0.47, 0.045, 0.17, 0.12, 0.15
 HAIRLINE = -0.60
 CHUNK_FRAMES = 16  # frames per vectorised block at 64x64 (scaled by area): arrays stay in cache
 _C = motion_lib.CHANNEL_INDEX
@@ -54,8 +54,13 @@ def _col(x, n):
   return np.asarray(x, np.float32).reshape(n, 1, 1)
 
 
-def _render_block(m: np.ndarray, ident: identity_lib.Identity, res: int, colours: np.ndarray):
-  """Frames m [n, C] -> float32 planar RGB [3, n, res, res] in [0, 1]."""
+def _render_block(m: np.ndarray, ident: identity_lib.Identity, res: int, colours: np.ndarray,
+                  boxes: bool = True):
+  """Frames m [n, C] -> float32 planar RGB [3, n, res, res] in [0, 1].
+
+  boxes=False evaluates every part on the whole image (slow; the tests' reference that the
+  per-part bounding boxes never cut a part).
+  """
   n = m.shape[0]
   axis = ((np.arange(res, dtype=np.float32) + 0.5) / res * 2.0 - 1.0)
   px = 2.0 / res  # one pixel in image units
@@ -89,6 +94,9 @@ def _render_block(m: np.ndarray, ident: identity_lib.Identity, res: int, colours
     u, v = fu * cyaw[:, 0] + su[:, 0], fv * cpitch[:, 0] + sv[:, 0]
     x = cx[:, 0] + (u * cr[:, 0] - v * sr[:, 0]) * HEAD_HALF_HEIGHT
     y = cy[:, 0] + (u * sr[:, 0] + v * cr[:, 0]) * HEAD_HALF_HEIGHT
+
+    if not boxes:
+      return slice(0, res), slice(0, res)
 
     def span(z):
       lo = int(np.floor((z.min() + 1.0) / px - 0.5)) - 2
@@ -141,9 +149,10 @@ def _render_block(m: np.ndarray, ident: identity_lib.Identity, res: int, colours
 
   # Mouth.
   jaw, rnd, smile = col("jaw_open"), col("lip_round"), col("smile")
-  w = ident.mouth_width * a * (1.0 - 0.35 * np.maximum(rnd, 0) + 0.12 * np.maximum(-rnd, 0))
+  w = ident.mouth_width * a * (1.0 - 0.35 * np.maximum(rnd, 0) + 0.12 * np.maximum(-rnd, 0)
+                                + SMILE_WIDEN * smile)
   h = 0.012 + JAW_OPEN_H * jaw + 0.03 * np.maximum(rnd, 0)
-  mw = ident.mouth_width * a * 1.12 + 0.1
+  mw = ident.mouth_width * a * (1.12 + SMILE_WIDEN) + 0.1
   rows, cols = box((-mw, mw), (MOUTH_Y - SMILE_BEND - 0.35, MOUTH_Y + 1.5 * JAW_OPEN_H + 0.15))
   fu, fv = feature_coords(rows, cols)
   sub = img[:, :, rows, cols]
