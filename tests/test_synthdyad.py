@@ -222,12 +222,10 @@ def test_renderer_responds_to_each_channel():
 # Splits and regimes
 # ----------------------------------------------------------------------------------------------
 def test_splits_identities_and_regimes():
-  cfg = _short(duration_s=0.5)
   ids = {split: set() for split in ("train", "test", "ood")}
   for split in ids:
     for i in range(30):
-      c = sd.make_conversation(split, i, seed=5, config=dataclasses.replace(
-          sd.regime_for(split), duration_s=0.5))
+      c = sd.make_conversation(split, i, seed=5, config=_short(split, duration_s=0.5))
       ids[split].update(x.identity_id for x in c.identities)
   assert not ids["train"] & ids["test"] and not ids["train"] & ids["ood"]
   assert not ids["test"] & ids["ood"]
@@ -239,7 +237,6 @@ def test_splits_identities_and_regimes():
     assert x == sd.identity_for("train", i, seed=5)
     assert 0.75 <= x.face_aspect <= 0.95 and 90 <= x.f0_base <= 250
     assert 0.85 <= x.formant_scale <= 1.15 and 3.5 <= x.speaking_rate <= 6.0
-  del cfg
   train, ood = sd.regime_for("train"), sd.regime_for("ood")
   assert ood.duration_s > train.duration_s
   assert ood.speaking_rate_range[0] >= train.speaking_rate_range[0]
