@@ -568,3 +568,44 @@ def test_flame56_map_and_round_trip():
                              atol=1e-6)
   with pytest.raises(ValueError, match="56"):
     flame.from_flame56(np.zeros((4, 55)))
+
+
+def test_syllable_spectra_consonants_and_laughter_rhythm():
+  from avatar_jax.data.synthdyad import script as script_lib
+  sr = 16000
+  ident = dataclasses.replace(sd.identity_for("train", 3), f0_base=120.0, formant_scale=1.0)
+  rng = np.random.default_rng(0)
+
+  def vowel_spectrum(v):
+    syl = script_lib.Syllable(0.0, 0.3, 0.0, v, False, 0.0, 0.0)
+    ph = script_lib.Phrase(0, 0, 0.0, 0.3, (syl,), False, None, 0, 0.0)
+    x = np.concatenate([audio._syllable(rng, syl, ph, ident, sr)[1] for _ in range(4)])
+    f = np.fft.rfftfreq(x.size, 1 / sr)
+    return f, np.abs(np.fft.rfft(x)) ** 2
+
+  def band(f, p, lo, hi):
+    return p[(f >= lo) & (f < hi)].sum() / p.sum()
+  f, pa = vowel_spectrum("a")
+  _, pi = vowel_spectrum("i")
+  _, pu = vowel_spectrum("u")
+  assert band(f, pi, 2000, 2600) > 5 * band(f, pa, 2000, 2600)  # F2 of /i/ ~2.3 kHz
+  assert band(f, pa, 600, 1200) > 2 * band(f, pi, 600, 1200)  # F1-F2 of /a/ ~0.7-1.1 kHz
+  assert band(f, pu, 200, 400) > 2 * band(f, pa, 200, 400)  # F1 of /u/ ~300 Hz
+  # Consonant onsets are noisy: many more zero crossings than the vowel after them.
+  syl = script_lib.Syllable(0.0, 0.25, 0.05, "a", False, 0.0, 0.0)
+  ph = script_lib.Phrase(0, 0, 0.0, 0.25, (syl,), False, None, 0, 0.0)
+  x = audio._syllable(rng, syl, ph, ident, sr)[1]
+
+  def zcr(y):
+    return np.mean(np.abs(np.diff(np.sign(y))) > 0)
+  assert zcr(x[:800]) > 3 * zcr(x[800:])
+  # Laughter: the envelope is modulated at the burst rate.
+  for rate, n in ((4.6, 5), (5.4, 4)):
+    ph = script_lib.Phrase(0, 0, 0.0, 2.0, (), False, (0.5, 0.5 + n / rate), n, rate)
+    track = np.zeros(2 * sr)
+    for start, burst in audio._laughter(rng, ph, ident, sr):
+      track[start:start + burst.size] += burst
+    env = audio.envelope(track, sr, 100)[50:50 + int(100 * n / rate)]
+    spec = np.abs(np.fft.rfft(env - env.mean(), 1024))
+    peak = np.fft.rfftfreq(1024, 0.01)[np.argmax(spec)]
+    assert abs(peak - rate) < 0.3, (peak, rate)

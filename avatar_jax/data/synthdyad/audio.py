@@ -1,7 +1,7 @@
 """SynthDyad audio: syllable synthesis, per-participant tracks, background, mixture, envelope.
 
 A syllable (SYNTHDYAD.md §2) is an optional consonant onset (band-passed noise, 30–60 ms) and a
-vowel: a jittered glottal pulse train at F0 through a spectral-tilt filter and three formant
+vowel: a jittered glottal pulse train at F0 through glottal-tilt + lip-radiation filters and three formant
 resonators (set by the vowel and the speaker's formant scale), under a raised-cosine (Hann)
 envelope. F0 declines over the phrase, rises over the final syllable of a question and is bumped
 on accented syllables. Every vowel is normalised to a fixed RMS (times a per-vowel intensity and
@@ -90,8 +90,9 @@ def _glottal_source(rng, f0: np.ndarray, sr: int) -> np.ndarray:
   idx = np.clip(np.round(idx + rng.normal(0, JITTER, idx.shape) * period), 0, n - 1).astype(np.int64)
   amps = 1.0 + rng.normal(0, SHIMMER, idx.shape)
   src = np.bincount(idx, weights=amps, minlength=n)
-  # Spectral tilt of the glottal flow (two real poles) — keeps vowels from sounding like clicks.
-  src = signal.lfilter([1.0], [1.0, -1.8, 0.81], src - src.mean())
+  # Glottal flow tilt (two real poles at 0.9, -12 dB/octave) and lip radiation (a zero at DC,
+  # +6 dB/octave): the usual -6 dB/octave source of a source-filter vowel, with no DC.
+  src = signal.lfilter([1.0, -1.0], [1.0, -1.8, 0.81], src)
   src /= np.sqrt(np.mean(src ** 2)) + 1e-12
   return src + ASPIRATION * rng.standard_normal(n)
 
