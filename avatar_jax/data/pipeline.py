@@ -151,6 +151,12 @@ class SynthDyadSource:
         f"render={self.render}, {self.config_kwargs})"
     )
 
+  def generator_config(self):
+    """The split's regime (ood: faster speech, longer clips) with this source's overrides."""
+    from avatar_jax.data.synthdyad import generator as sd  # pylint: disable=g-import-not-at-top
+
+    return dataclasses.replace(sd.regime_for(self.split), **self.config_kwargs)
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     if not 0 <= index < self.size:
@@ -159,13 +165,11 @@ class SynthDyadSource:
       return self._cache[index]
     from avatar_jax.data.synthdyad import generator as sd  # pylint: disable=g-import-not-at-top
 
-    # The split's regime (ood: faster speech, longer clips), with this source's overrides.
-    config = dataclasses.replace(sd.regime_for(self.split), **self.config_kwargs)
     sample = sd.make_sample(
         self.split,
         index,
         seed=self.seed,
-        config=config,
+        config=self.generator_config(),
         render=self.render,
     )
     if self.cache:
@@ -354,9 +358,9 @@ def _eval_windows(source, clip_frames: int, mode: str) -> np.ndarray:
   if mode == "full" or not clip_frames:
     return np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
   if isinstance(source, SynthDyadSource):
-    # Every sample of a split has the same length (the split's regime fixes the duration); the
-    # windower re-checks each example, so a mismatch fails loudly rather than silently.
-    lengths = np.full(n, _num_frames(source[0], "example 0"))
+    # Every sample of a split has the split config's length; the windower re-checks each
+    # example, so a mismatch fails loudly rather than silently.
+    lengths = np.full(n, source.generator_config().num_frames)
   else:
     logging.info("Reading %d examples of %r to lay out eval windows.", n, source)
     lengths = np.array([_num_frames(source[i], f"example {i}") for i in range(n)])
