@@ -1,0 +1,37 @@
+"""Config helpers shared by configs/*.py (big_vision style `get_config(arg)`)."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses `"size=S,res=64,flag"` into a ConfigDict over `defaults`, typed like the defaults.
+
+  Unknown names are errors, so a typo on the command line never passes silently.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise KeyError(f"config argument {key!r} is unknown; expected one of {sorted(defaults)}")
+    default = defaults[key]
+    if not eq:
+      value = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r}: expected true/false")
+      value = value.lower() in ("true", "1")
+    elif default is not None:
+      value = type(default)(value)
+    out[key] = value
+  return out
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks a config so that setting an unknown key (e.g. `--config.trian.steps`) raises."""
+  config.lock()
+  return config

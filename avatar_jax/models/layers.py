@@ -1,0 +1,78 @@
+"""Small NNX building blocks with logical-axis annotations on every parameter."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def logical(init, axes):
+  """Initializer whose variable carries logical axis names (mapped to the mesh by sharding.RULES).
+
+  Eager sharding is off: the names are logical, and the trainer places variables itself.
+  """
+  return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def dense(din: int, dout: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
+          use_bias: bool = True, zero_init: bool = False, dtype=None) -> nnx.Linear:
+  """nnx.Linear whose kernel [din, dout] carries logical axes `axes` (bias: axes[1])."""
+  init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
+  return nnx.Linear(
+      din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs,
+      kernel_init=logical(init, axes),
+      bias_init=logical(nnx.initializers.zeros_init(), (axes[1],)))
+
+
+def layer_norm(d: int, *, rngs: nnx.Rngs, affine: bool = True) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      d, use_bias=affine, use_scale=affine, rngs=rngs,
+      scale_init=logical(nnx.initializers.ones_init(), ("embed",)),
+      bias_init=logical(nnx.initializers.zeros_init(), ("embed",)))
+
+
+class Mlp(nnx.Module):
+  def __init__(self, d: int, hidden: int, *, rngs: nnx.Rngs):
+    self.up = dense(d, hidden, ("embed", "mlp"), rngs=rngs)
+    self.down = dense(hidden, d, ("mlp", "embed"), rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(jax.nn.gelu(self.up(x)))
+
+
+class Conv1d(nnx.Module):
+  """'SAME' temporal convolution over [B, T, Din] -> [B, T, Dout]."""
+
+  def __init__(self, din: int, dout: int, kernel: int, *, rngs: nnx.Rngs, dilation: int = 1):
+    self.conv = nnx.Conv(
+        din, dout, kernel_size=(kernel,), kernel_dilation=(dilation,), padding="SAME", rngs=rngs,
+        kernel_init=logical(nnx.initializers.lecun_normal(), (None, "conv_in", "conv_out")),
+        bias_init=logical(nnx.initializers.zeros_init(), ("conv_out",)))
+
+  def __call__(self, x):
+    return self.conv(x)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """Sinusoidal embedding of flow time t in [0, 1]: [...] -> [..., dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t[..., None].astype(jnp.float32) * 1000.0) * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class AdaLN(nnx.Module):
+  """LayerNorm whose shift/scale/gate come from a conditioning vector (DiT's adaLN-Zero)."""
+
+  def __init__(self, d: int, dcond: int, *, rngs: nnx.Rngs):
+    self.norm = layer_norm(d, rngs=rngs, affine=False)
+    self.mod = dense(dcond, 3 * d, (None, "embed"), rngs=rngs, zero_init=True)
+
+  def __call__(self, x, cond):
+    """x: [B, T, D]; cond: [B, Dc] or [B, T, Dc] -> (normed x, gate)."""
+    shift, scale, gate = jnp.split(self.mod(jax.nn.silu(cond)), 3, axis=-1)
+    if shift.ndim == 2:
+      shift, scale, gate = shift[:, None], scale[:, None], gate[:, None]
+    return self.norm(x) * (1 + scale) + shift, gate

@@ -1,0 +1,89 @@
+"""Mesh construction and the one logical-axis rules table.
+
+Parameters and activations are annotated with *logical* axis names (what the dimension is);
+this table says which mesh axes each logical name is split over. Changing the parallelism of a
+model means editing data here or in a config, never model code.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel + parameter sharding),
+`context` (sequence parallel), `tensor` (heads / MLP hidden).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+# logical name -> mesh axes (None: replicated). The only table in the codebase.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("time", "context"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("channels", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds a mesh from {axis: size}; one size may be -1 and takes the remaining devices.
+
+  Axes missing from `shape` get size 1, so every mesh has all of MESH_AXES.
+  """
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, found {dict(zip(MESH_AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"config.mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"found {len(devices)}")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, mesh: jax.sharding.Mesh,
+                    rules=RULES) -> P:
+  """Maps logical axis names to a PartitionSpec, dropping mesh axes of size 1 or used twice."""
+  if logical is None:
+    return P()
+  table = dict(rules)
+  used, out = set(), []
+  for name in logical:
+    if name is not None and name not in table:
+      raise KeyError(f"logical axis {name!r} has no rule in sharding.RULES")
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+    used.update(axes)
+    out.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+  return P(*out)
+
+
+def tree_shardings(logical_tree, mesh, rules=RULES):
+  """Pytree of logical-name tuples (or PartitionSpecs of names) -> pytree of NamedShardings."""
+  is_leaf = lambda x: isinstance(x, P) or x is None or (
+      isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x))
+  return jax.tree.map(lambda l: NamedSharding(mesh, logical_to_spec(l, mesh, rules)),
+                      logical_tree, is_leaf=is_leaf)
+
+
+def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:
+  """Leading dimension split over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,48 @@
+"""Train any system: `python -m avatar_jax.train --config configs/x.py[:args] --workdir DIR`.
+
+Overrides: `--config.train.num_steps=100`; unknown keys are errors. Rerunning the same command
+resumes from the last checkpoint in `--workdir`.
+"""
+from __future__ import annotations
+
+import logging as logging_lib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from avatar_jax.evals import synthdyad_metrics
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:args]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class QuietLibraries(logging_lib.Filter):
+  """Drops INFO chatter of checkpoint/data libraries (their warnings and errors still show)."""
+
+  NOISY = ("/orbax/", "/grain/", "/etils/", "/tensorstore/")
+
+  def filter(self, record):
+    return record.levelno >= logging_lib.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from avatar_jax import distributed, trainer  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(QuietLibraries())
+  distributed.initialize()
+  logging.info("Config:\n%s", _CONFIG.value)
+  results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  for split, rows in results.items():
+    print(f"\nSynthDyad `{split}` split ({_WORKDIR.value}/eval/{split}.md):\n")
+    print(synthdyad_metrics.format_table(rows))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
