@@ -464,3 +464,16 @@ def test_cache_gives_identical_batches():
   got = [next(it) for _ in range(3)]
   for a, b in zip(want, got):
     _assert_batches_equal(a, b)
+
+
+def test_window_rendering_equals_slicing_the_full_render():
+  src = pipeline.SynthDyadSource("test", 3, seed=2, duration_s=2.0, resolution=48)
+  full = src[1]  # == make_sample(..., render=True)
+  part = src.get(1, render=False)
+  assert "video" not in part
+  for key in ("video", "partner_video"):
+    for start, stop in ((0, 1), (7, 33), (49, 50)):
+      np.testing.assert_array_equal(src.render_window(part, key, start, stop),
+                                    full[key][start:stop])
+  np.testing.assert_array_equal(src.render_window(part, "reference_image", 0, 1),
+                                full["reference_image"])

@@ -58,6 +58,7 @@ _FRAME_KEYS = (  # [T, ...] per video frame; windowed with the clip.
 )
 _AUDIO_KEYS = ("audio_self", "audio_partner", "audio_background", "audio_mix")
 _REQUIRED_KEYS = ("flame56_self", "flame56_partner")
+_VIDEO_KEYS = ("video", "partner_video")
 _ALWAYS_KEYS = (  # whenever the source has them
     "motion_self",
     "motion_partner",
@@ -104,8 +105,11 @@ def default_config() -> ml_collections.ConfigDict:
 class SynthDyadSource:
   """Grain random-access source over the SynthDyad generator: `source[i]` is sample `i`.
 
-  Deterministic in (split, seed, index). With `cache=True` generated samples stay in memory, per
-  process (each prefetch worker fills its own cache; the cache is not pickled).
+  Deterministic in (split, seed, index). `source[i]` is exactly `make_sample(split, i, ...)`.
+  The pipeline instead calls `get(i, render=False)` and renders only the frames of its window
+  (`render_window`), which gives the same pixels as slicing the full render at a fraction of the
+  cost. With `cache=True` the motion/audio part of each sample stays in memory, per process (each
+  prefetch worker fills its own cache; the cache is not pickled).
   """
 
   def __init__(
@@ -157,24 +161,44 @@ class SynthDyadSource:
 
     return dataclasses.replace(sd.regime_for(self.split), **self.config_kwargs)
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
+  def get(self, index: int, *, render: bool | None = None) -> dict[str, Any]:
+    """Sample `index`; `render=None` follows the source's `render` setting."""
     index = int(index)
     if not 0 <= index < self.size:
       raise IndexError(f"SynthDyad {self.split!r} index {index} out of range [0, {self.size}).")
-    if index in self._cache:
-      return self._cache[index]
+    render = self.render if render is None else render
     from avatar_jax.data.synthdyad import generator as sd  # pylint: disable=g-import-not-at-top
 
+    if not render and index in self._cache:
+      return self._cache[index]
     sample = sd.make_sample(
-        self.split,
-        index,
-        seed=self.seed,
-        config=self.generator_config(),
-        render=self.render,
+        self.split, index, seed=self.seed, config=self.generator_config(), render=render
     )
-    if self.cache:
+    if self.cache and not render:
       self._cache[index] = sample
     return sample
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.get(index)
+
+  def render_window(self, example: Mapping[str, Any], key: str, start: int, stop: int):
+    """Frames `[start, stop)` of `key` ('video', 'partner_video') or the 'reference_image'.
+
+    `example` is `get(i, render=False)`; rendering is per frame, so this equals
+    `get(i, render=True)[key][start:stop]`.
+    """
+    from avatar_jax.data.synthdyad import generator as sd  # pylint: disable=g-import-not-at-top
+    from avatar_jax.data.synthdyad import render as render_lib  # pylint: disable=g-import-not-at-top
+
+    if not self.render:
+      raise ValueError(f"{self!r} has render=False; it cannot provide {key!r}.")
+    who = "partner" if key == "partner_video" else "self"
+    config = self.generator_config()
+    ident = sd.identity_for(self.split, int(example[f"identity_{who}"]), self.seed, config)
+    if key == "reference_image":
+      return render_lib.reference_image(ident, config.resolution)
+    motion = np.asarray(example[f"motion_{who}"])[start:stop]
+    return render_lib.render(motion, ident, config.resolution)
 
 
 class TfdsSource:
@@ -253,7 +277,14 @@ class _Windower:
   mel_streams: tuple[str, ...]
   keys: tuple[str, ...]
 
-  def __call__(self, example: Mapping[str, Any], start: int, index: int) -> dict[str, Any]:
+  def __call__(
+      self, example: Mapping[str, Any], start: int, index: int, render_window=None
+  ) -> dict[str, Any]:
+    """Window `[start, start + clip_frames)` of `example` (source index `index`).
+
+    `render_window(example, key, start, stop)`, when given, makes the video keys that the
+    example lacks (SynthDyad renders only the window).
+    """
     where = f"example {index}"
     t_total = _num_frames(example, where)
     fps = float(example.get("fps", 25))
@@ -278,6 +309,9 @@ class _Windower:
     for k in _FRAME_KEYS:
       # flame56 is in every source; motion/speaking in SynthDyad (not DualTalk); video on request.
       if k in _REQUIRED_KEYS or k in self.keys or (k in _ALWAYS_KEYS and k in example):
+        if k not in example and render_window is not None and k in _VIDEO_KEYS:
+          out[k] = render_window(example, k, start, start + t)
+          continue
         if k not in example:
           raise KeyError(f"{where}: missing key {k!r}; keys are {sorted(example)}.")
         v = np.asarray(example[k])
@@ -293,7 +327,12 @@ class _Windower:
       if k in out:
         out[k] = out[k].astype(bool)
     if "reference_image" in self.keys:
-      out["reference_image"] = np.asarray(example["reference_image"], np.uint8)
+      if "reference_image" not in example and render_window is not None:
+        out["reference_image"] = render_window(example, "reference_image", 0, 1)
+      elif "reference_image" not in example:
+        raise KeyError(f"{where}: missing key 'reference_image'; keys are {sorted(example)}.")
+      else:
+        out["reference_image"] = np.asarray(example["reference_image"], np.uint8)
     streams = set(self.mel_streams) | {k[len("audio_"):] for k in self.keys if k in _AUDIO_KEYS}
     for s in sorted(streams):
       key = f"audio_{s}"
@@ -322,6 +361,13 @@ def _fit_length(audio: np.ndarray, n: int) -> np.ndarray:
   return np.pad(audio, (0, n - audio.shape[0]))
 
 
+def _fetch(source, index: int):
+  """(example, render_window or None): SynthDyad is fetched without video, rendered per window."""
+  if isinstance(source, SynthDyadSource) and source.render:
+    return source.get(index, render=False), source.render_window
+  return source[index], None
+
+
 class _TrainWindow(grain.transforms.RandomMap):
   """Random window offset, drawn from Grain's per-element RNG (seeded by seed and position)."""
 
@@ -329,7 +375,7 @@ class _TrainWindow(grain.transforms.RandomMap):
     self.source, self.windower = source, windower
 
   def random_map(self, index: int, rng: np.random.Generator):
-    example = self.source[index]
+    example, render_window = _fetch(self.source, index)
     t_total = _num_frames(example, f"example {index}")
     t = self.windower.clip_frames or t_total
     if t_total < t:
@@ -338,7 +384,7 @@ class _TrainWindow(grain.transforms.RandomMap):
           f"clip_frames={t}."
       )
     start = int(rng.integers(0, t_total - t + 1))
-    return self.windower(example, start, index)
+    return self.windower(example, start, index, render_window)
 
 
 class _EvalWindow(grain.transforms.Map):
@@ -347,7 +393,8 @@ class _EvalWindow(grain.transforms.Map):
 
   def map(self, item):
     index, start = (int(v) for v in item)
-    return self.windower(self.source[index], start, index)
+    example, render_window = _fetch(self.source, index)
+    return self.windower(example, start, index, render_window)
 
 
 def _eval_windows(source, clip_frames: int, mode: str) -> np.ndarray:
