@@ -170,18 +170,53 @@ class _Prep:
 # ----------------------------------------------------------------------------------------------
 
 
+def _value(x):
+  """Reads a ref (plain or transformed) into a value; passes values through."""
+  from jax._src.state import types as state_types  # pylint: disable=g-import-not-at-top
+  if isinstance(x, state_types.TransformedRef):
+    return x[...]
+  if isinstance(jax.typeof(x), state_types.AbstractRef):
+    return x[...]
+  return x
+
+
+def _dot_interpret(a, b_ref, transpose_b):
+  """The CPU interpreter has no transposed wgmma operands: multiply the loaded tiles instead."""
+  a = _value(a)
+  b = b_ref[...]
+  if transpose_b:
+    b = b.T
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 def _mma(acc, a, b_ref, interpret):
   """acc + a @ b on the tensor cores (acc fp32 registers, a registers or SMEM, b SMEM)."""
-  pl, plgpu = _plgpu()
   if interpret:
-    def run(acc_ref):
-      plgpu.wgmma(acc_ref, a, b_ref)
-      return acc_ref[...]
-    return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
+    return acc + _dot_interpret(a, b_ref, False)
+  pl, plgpu = _plgpu()
 
   def run_state(acc_ref):
     plgpu.wgmma(acc_ref, a, b_ref)
   return pl.run_state(run_state)(plgpu.ACC.init(acc))
+
+
+def _mm(shape, a, b_ref, *, interpret, transpose_b=True, after_issue=None):
+  """a @ bᵀ (or a @ b) into a fresh fp32 accumulator; `after_issue` runs while it is in flight."""
+  if interpret:
+    out = _dot_interpret(a, b_ref, transpose_b)
+    if after_issue is not None:
+      after_issue()
+    return out
+  pl, plgpu = _plgpu()
+  if transpose_b:
+    b_ref = plgpu.transpose_ref(b_ref, (1, 0))
+
+  def run(acc_ref):
+    plgpu.wgmma(acc_ref, a, b_ref)
+    if after_issue is not None:
+      after_issue()
+    return acc_ref[...]
+  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
 def _load(ref, layout, interpret):
@@ -198,18 +233,6 @@ def _cast(interpret, x, layout):
     return x
   _, plgpu = _plgpu()
   return plgpu.layout_cast(x, layout)
-
-
-def _mm(shape, a, b_ref, after_issue=None):
-  """a @ b into a fresh fp32 accumulator; `after_issue` runs while the wgmma is in flight."""
-  pl, plgpu = _plgpu()
-
-  def run(acc_ref):
-    plgpu.wgmma(acc_ref, a, b_ref)
-    if after_issue is not None:
-      after_issue()
-    return acc_ref[...]
-  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
 def _apply_mask(s, rows_q, rows_k, spec, bq, bk):
@@ -285,9 +308,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
       def step(j, carry, masked):
         acc, m, l = carry
-        slot = lax.rem(j, stages)
+        slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(k_bar.at[slot])
-        s = _mm(shape, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)), sched_barrier)
+        s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret, after_issue=sched_barrier)
         plgpu.barrier_wait(kv_bar.at[slot])
         if masked:
           krow = [_load(kv_smem.at[slot, i], col_l, interpret) for i in range(nr)]
@@ -353,7 +376,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           issue_v(i, i)
 
       def refill(j, _):
-        slot = lax.rem(j, stages)
+        slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(k_free.at[slot])
         issue_k(j, slot)
         plgpu.barrier_wait(v_free.at[slot])
@@ -361,6 +384,15 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         return _
 
       lax.fori_loop(stages, steps, refill, None)
+
+      # Observe the last releases too, so every barrier phase is waited on before exit.
+      def drain(j, _):
+        slot = lax.rem(j, jnp.array(stages, j.dtype))
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        return _
+
+      lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
@@ -444,9 +476,9 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
       bc_k = lambda x: lax.broadcast_in_dim(x, shape, [1])
 
       def step(j, dq_acc, masked):
-        slot = lax.rem(j, stages)
+        slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(k_bar.at[slot])
-        s = _mm(shape, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret)
         plgpu.barrier_wait(kv_bar.at[slot])
         n_load = nr if masked else 1
         krow = [_load(kv_smem.at[slot, i], col_l, interpret) for i in range(n_load)]
@@ -458,7 +490,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
           s = _apply_mask(s, rq, rk, spec, block_q, block_kv)
         p = jnp.exp2(s - bc_q(lse))
         plgpu.barrier_wait(v_bar.at[slot])
-        dp = _mm(shape, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+        dp = _mm(shape, do_smem, v_smem.at[slot], interpret=interpret)
         plgpu.barrier_arrive(v_free.at[slot])
         ds = p * (dp - bc_q(delta))
         dq_acc = _mma(dq_acc, ds.astype(dtype), k_smem.at[slot], interpret)
@@ -496,7 +528,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
           issue_v(i, i)
 
       def refill(j, _):
-        slot = lax.rem(j, stages)
+        slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(v_free.at[slot])
         issue_v(j, slot)
         plgpu.barrier_wait(k_free.at[slot])
@@ -504,6 +536,15 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
         return _
 
       lax.fori_loop(stages, steps, refill, None)
+
+      # Observe the last releases too, so every barrier phase is waited on before exit.
+      def drain(j, _):
+        slot = lax.rem(j, jnp.array(stages, j.dtype))
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        return _
+
+      lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
@@ -586,9 +627,9 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
 
       def step(j, carry, masked):
         dk_acc, dv_acc, part = carry
-        slot = lax.rem(j, stages)
+        slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(q_bar.at[slot])
-        st = _mm(shape, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+        st = _mm(shape, k_smem, q_smem.at[slot], interpret=interpret)
         plgpu.barrier_wait(qv_bar.at[slot])
         lse = _load(qv_smem.at[slot, 0], col_l, interpret)
         delta = _load(qv_smem.at[slot, 1], col_l, interpret)
@@ -604,7 +645,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         pt = jnp.exp2(st - bc_q(lse))
         plgpu.barrier_wait(do_bar.at[slot])
         dv_acc = _mma(dv_acc, pt.astype(dtype), do_smem.at[slot], interpret)
-        dpt = _mm(shape, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+        dpt = _mm(shape, v_smem, do_smem.at[slot], interpret=interpret)
         plgpu.barrier_arrive(do_free.at[slot])
         dst = pt * (dpt - bc_q(delta))
         part = part + (dst * pen).sum(axis=1)
@@ -650,7 +691,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
           issue_do(i, i)
 
       def refill(j, _):
-        slot = lax.rem(j, stages)
+        slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(do_free.at[slot])
         issue_do(j, slot)
         plgpu.barrier_wait(q_free.at[slot])
@@ -658,6 +699,15 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         return _
 
       lax.fori_loop(stages, steps, refill, None)
+
+      # Observe the last releases too, so every barrier phase is waited on before exit.
+      def drain(j, _):
+        slot = lax.rem(j, jnp.array(stages, j.dtype))
+        plgpu.barrier_wait(q_free.at[slot])
+        plgpu.barrier_wait(do_free.at[slot])
+        return _
+
+      lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
