@@ -477,3 +477,18 @@ def test_window_rendering_equals_slicing_the_full_render():
                                     full[key][start:stop])
   np.testing.assert_array_equal(src.render_window(part, "reference_image", 0, 1),
                                 full["reference_image"])
+
+
+def test_build_command_line(tmp_path):
+  import subprocess
+  import sys
+
+  data_dir = str(tmp_path / "tfds")
+  cmd = [sys.executable, "-m", "avatar_jax.data.builders.build", "synthdyad/tiny", "--render=false",
+         "--train_size=2", "--test_size=1", "--ood_size=1", "--config_name=cli", f"--data_dir={data_dir}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
+  src = tfds.data_source("synthdyad/cli", split="train", data_dir=data_dir)
+  assert len(src) == 2 and "video" not in src[0]
+  gen_cfg = dataclasses.replace(sd.regime_for("train"), resolution=32, duration_s=2.0)
+  _assert_same_sample(src[1], sd.make_sample("train", 1, config=gen_cfg, render=False), "cli[1]")

@@ -83,9 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
           fps=25,
           sample_rate=16000,
           resolution=64,
-          render=True,  # False: no video keys (motion/audio models), ~free generation
+          render=True,  # False: no video keys (motion/audio models); generation is then cheaper
           seed=0,  # generator seed (the dataset), distinct from the shuffle seed
-          cache=False,  # keep generated examples in memory (per process: workers each hold one)
+          cache=False,  # keep generated audio/motion in memory (per process); video is rendered per window
       )
   )
   c.clip_frames = 50  # training window, video frames (2 s at 25 fps); 0 = whole clip
