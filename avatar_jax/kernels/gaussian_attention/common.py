@@ -24,6 +24,14 @@ Every backend module (``reference`` chunked path, ``pallas_tpu``, ``pallas_gpu``
         dq: [B, Nq, H, D] q.dtype; dk, dv: [B, Nk, Hkv, D] k.dtype / v.dtype;
         dsigma: [H] float32, dL/dσ_h = Σ dS · (t_q − t_k)² / σ_h³ = (2/σ_h) Σ dS · pen
         with dS = ∂L/∂s and pen = (t_q − t_k)² · inv[h] (see :func:`dsigma_from_partial`).
+        How to accumulate Σ dS·pen robustly (see :func:`dsigma_row_partial`): with
+        P = exp(s − lse), dP = dout·vᵀ and pen' = pen + dsigma_shift(lse), accumulate per
+        query row A = Σ_j P·dP·pen', B = Σ_j P·pen', C = Σ_j P·dP over the key blocks and
+        add A − C·B to the head's partial. This equals Σ_j dS·pen (dS = P·(dP − C), Σ_j P = 1)
+        but (1) uses the in-kernel C instead of delta = Σ dout·out, whose rounding in a bf16
+        `out` is amplified by large pen, and (2) shifts pen by lse, which keeps the terms at
+        the size of the logit range: for narrow heads pen and lse are both in the hundreds
+        and a plain Σ dS·pen loses everything to cancellation.
 
 Arguments, identical for all backends:
   * ``t_q`` [B, Nq], ``t_k`` [B, Nk]: times in seconds (any float dtype; used in float32).
@@ -116,6 +124,16 @@ def dsigma_from_partial(partial, sigma):
   sigma = jnp.asarray(sigma, jnp.float32)
   clamped = 0.5 / jnp.square(sigma) >= INV_TWO_SIGMA_SQ_MAX
   return jnp.where(clamped | jnp.isinf(sigma), 0.0, 2.0 * partial / sigma)
+
+
+def dsigma_shift(lse):
+  """Per-row shift for the σ-gradient sum: lse where finite, else 0 (empty / padded rows)."""
+  return jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+
+def dsigma_row_partial(a, b, c):
+  """Per-row accumulators (A, B, C) of the contract → the row's Σ_j dS·pen (= A − C·B)."""
+  return a - c * b
 
 
 def gaussian_penalty(tq, tk, inv_h):

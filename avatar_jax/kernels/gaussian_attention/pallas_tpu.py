@@ -236,13 +236,14 @@ def _forward_padded(p, scale, spec, interpret):
 def _dq_kernel(*refs, spec, scale, precision, nqb, nkb, h_total):
   tables = _unpack(refs[:_N_TABLES])
   (q_ref, k_ref, v_ref, tq_ref, tk_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref,
-   dsig_ref, dq_scr, dsig_scr) = refs[_N_TABLES:]
+   dsig_ref, dq_scr, a_scr, b_scr, c_scr) = refs[_N_TABLES:]
   b, h, i, j = (pl.program_id(a) for a in range(4))
 
   @pl.when(j == 0)
   def _init():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
-    dsig_scr[...] = jnp.zeros(dsig_scr.shape, jnp.float32)
+    for scr in (a_scr, b_scr, c_scr):
+      scr[...] = jnp.zeros(scr.shape, jnp.float32)
 
   @pl.when(_needed(spec, tables, b, h, i, j, nqb, nkb, h_total))
   def _compute():
@@ -250,7 +251,8 @@ def _dq_kernel(*refs, spec, scale, precision, nqb, nkb, h_total):
     v = v_ref[...]
     s, pen, vis = _logits(spec, scale, precision, q_ref[...], k, tq_ref[...], tk_ref[...],
                           qs_ref[...], ks_ref[...], tables["inv"][h])
-    p = jnp.where(vis, jnp.exp(s - lse_ref[...]), 0.0)
+    lse = lse_ref[...]
+    p = jnp.where(vis, jnp.exp(s - lse), 0.0)
     do = do_ref[...]
     dp = jax.lax.dot_general(do, v, _DIMS_NT, preferred_element_type=jnp.float32,
                              precision=precision)
@@ -258,13 +260,18 @@ def _dq_kernel(*refs, spec, scale, precision, nqb, nkb, h_total):
     dq_scr[...] += scale * jax.lax.dot_general(ds.astype(k.dtype), k, _DIMS_NN,
                                                preferred_element_type=jnp.float32,
                                                precision=precision)
-    dsig_scr[...] += jnp.sum(ds * pen, axis=1, keepdims=True)
+    # σ-gradient accumulators A, B, C of the backend contract (common.py).
+    shifted = pen + common.dsigma_shift(lse)
+    pdp = p * dp
+    a_scr[...] += jnp.sum(pdp * shifted, axis=1, keepdims=True)
+    b_scr[...] += jnp.sum(p * shifted, axis=1, keepdims=True)
+    c_scr[...] += jnp.sum(pdp, axis=1, keepdims=True)
 
   @pl.when(j == nkb - 1)
   def _finish():
     dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
-    dsig_ref[...] = jnp.broadcast_to(jnp.sum(dsig_scr[...], axis=0, keepdims=True),
-                                     dsig_ref.shape)
+    rows = common.dsigma_row_partial(a_scr[...], b_scr[...], c_scr[...])  # [bq, 1]
+    dsig_ref[...] = jnp.broadcast_to(jnp.sum(rows, axis=0, keepdims=True), dsig_ref.shape)
 
 
 def _dkv_kernel(*refs, spec, scale, precision, nqb, nkb, rep, h_total):
@@ -341,7 +348,8 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
           in_specs=[q_spec, kv_spec, kv_spec, tq_spec, tk_spec, tq_spec, tk_spec, q_spec,
                     row_spec, row_spec],
           out_specs=[q_spec, dsig_spec],
-          scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32)]),
+          scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]
+          + [pltpu.VMEM((bq, 1), jnp.float32)] * 3),
       out_shape=[jax.ShapeDtypeStruct((p.b, h, p.nq_p, d), jnp.float32),
                  jax.ShapeDtypeStruct((p.b, h, nqb, 8, 128), jnp.float32)],
       compiler_params=pltpu.CompilerParams(

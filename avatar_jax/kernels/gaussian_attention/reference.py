@@ -197,11 +197,11 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   lse_g = lse_g.reshape(b, hkv, rep, nqc, cq).transpose(3, 0, 1, 2, 4)
 
   def kv_step(carry, kv):
-    dq, dsig = carry
+    dq, abc = carry
     kc, vc, tkc, ksc = kv
 
     def q_step(acc, qa):
-      dk, dv, dsig = acc
+      dk, dv = acc
       qc, doc, dlt, lsec, tqc, qsc = qa
       s, pen, vis = _chunk_logits(spec, scale, inv, qc, kc, tqc, tkc, qsc, ksc, cd)
       p = jnp.where(vis, jnp.exp(s - lsec[..., None]), 0.0)
@@ -210,16 +210,23 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
       dv = dv + jnp.einsum("bgrqk,bgrqd->bgkd", p, doc)
       dk = dk + scale * jnp.einsum("bgrqk,bgrqd->bgkd", ds, qc.astype(cd))
       dq_c = scale * jnp.einsum("bgrqk,bgkd->bgrqd", ds, kc.astype(cd))
-      dsig = dsig + jnp.sum(ds * pen, axis=(0, 3, 4))
-      return (dk, dv, dsig), dq_c
+      # σ-gradient accumulators A, B, C of the backend contract (common.py).
+      shifted = pen + common.dsigma_shift(lsec)[..., None]
+      pdp = p * dp
+      abc = (jnp.sum(pdp * shifted, -1), jnp.sum(p * shifted, -1), jnp.sum(pdp, -1))
+      return (dk, dv), (dq_c, abc)
 
     ck = kc.shape[2]
-    init = (jnp.zeros((b, hkv, ck, d), cd), jnp.zeros((b, hkv, ck, d), cd), dsig)
-    (dk, dv, dsig), dq_parts = jax.lax.scan(q_step, init, (qg, dog, delta, lse_g, tq, qs))
-    return (dq + dq_parts, dsig), (dk, dv)
+    init = (jnp.zeros((b, hkv, ck, d), cd), jnp.zeros((b, hkv, ck, d), cd))
+    (dk, dv), (dq_parts, abc_parts) = jax.lax.scan(q_step, init,
+                                                   (qg, dog, delta, lse_g, tq, qs))
+    abc = tuple(x + y for x, y in zip(abc, abc_parts))
+    return (dq + dq_parts, abc), (dk, dv)
 
-  init = (jnp.zeros(qg.shape, cd), jnp.zeros((hkv, rep), cd))
-  (dq, dsig), (dk, dv) = jax.lax.scan(kv_step, init, (kg, vg, tk, ks))
+  rows = jnp.zeros(qg.shape[:-1], cd)  # [nqc, B, Hkv, rep, cq]
+  init = (jnp.zeros(qg.shape, cd), (rows, rows, rows))
+  (dq, abc), (dk, dv) = jax.lax.scan(kv_step, init, (kg, vg, tk, ks))
+  dsig = jnp.sum(common.dsigma_row_partial(*abc), axis=(0, 1, 4))  # [Hkv, rep]
   dq = dq.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq_p, h, d)[:, :nq]
   dk = dk.transpose(1, 0, 3, 2, 4).reshape(b, -1, hkv, d)[:, :nk]
   dv = dv.transpose(1, 0, 3, 2, 4).reshape(b, -1, hkv, d)[:, :nk]
