@@ -1,0 +1,197 @@
+"""Benchmark: Gaussian time-distance attention on one GPU against its peers.
+
+  python benchmarks/attention.py --out_md /tmp/attention_table.md --out_json /tmp/attention.json
+
+Times forward and forward+backward (VJP w.r.t. q, k, v and σ) of
+  * ours: avatar_jax pallas_gpu kernels (bias computed on the fly, band skipping optional);
+  * cudnn_nobias: jax.nn.dot_product_attention(implementation="cudnn"), no bias (a ceiling);
+  * cudnn_bias / xla_bias / tokamax_bias: the same attention with the Gaussian bias
+    materialised as a [1, H, Nq, Nk] array from σ inside the timed function, so dσ comes from
+    autodiff through the bias.
+
+Timing: median wall time of `--reps` calls after 3 warm-ups, each call synchronised with
+block_until_ready, rotating over up to 3 input sets (fresh random normal data) so repeated
+calls do not hit in L2. FLOP convention: forward = 4·B·H·Nq·Nk·D (two matmuls, every pair
+counted, no causal discount — the benchmark shapes have no mask), forward+backward = 3.5× that
+(the usual 2 + 5 matmul count). Band skipping is reported against the dense FLOP count, so its
+"TF/s" is an effective rate. Memory: XLA's compiled temp + output bytes of the timed function
+(inputs excluded), from `compiled.memory_analysis()`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from avatar_jax.kernels.gaussian_attention import api
+
+SHAPES = {
+    # name: (B, Nq, Nk, H, D, fps_q, fps_k, sigma range (s), bias_cutoff)
+    "self_b4_n4096": (4, 4096, 4096, 16, 128, 25.0, 25.0, (0.04, 2.0), None),
+    "self_b1_n8192": (1, 8192, 8192, 16, 128, 25.0, 25.0, (0.04, 2.0), None),
+    "cross_b2_q8448_k1056_d64": (2, 8448, 1056, 16, 64, 25.0, 25.0 / 8, (0.04, 2.0), None),
+    "long_b1_n32768": (1, 32768, 32768, 16, 128, 25.0, 25.0, (0.04, 2.0), None),
+    "band_b1_n32768_sigma_le_2fr": (1, 32768, 32768, 16, 128, 25.0, 25.0, (0.02, 0.08), 20.0),
+}
+PEERS = ("ours", "cudnn_nobias", "cudnn_bias", "xla_bias", "tokamax_bias")
+
+
+def gaussian_bias(t_q, t_k, sigma, dtype):
+  """[1, H, Nq, Nk] bias −(t_q − t_k)²/(2σ²) from the first batch row's times."""
+  dt = t_q[0][:, None] - t_k[0][None, :]
+  inv = 0.5 / jnp.square(sigma)
+  return (-(dt * dt)[None] * inv[:, None, None]).astype(dtype)[None]
+
+
+def make_fn(peer, t_q, t_k, cutoff, dtype, blocks):
+  """(q, k, v, sigma) -> out for one implementation."""
+  if peer == "ours":
+    def f(q, k, v, sigma):
+      return api.gaussian_attention(q, k, v, t_q, t_k, sigma, implementation="pallas_gpu",
+                                    bias_cutoff=cutoff, **blocks)
+  elif peer == "cudnn_nobias":
+    def f(q, k, v, sigma):
+      del sigma
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  elif peer in ("cudnn_bias", "xla_bias"):
+    impl = peer.split("_")[0]
+
+    def f(q, k, v, sigma):
+      bias = gaussian_bias(t_q, t_k, sigma, dtype)
+      return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
+  elif peer == "tokamax_bias":
+    import tokamax  # pylint: disable=g-import-not-at-top
+
+    def f(q, k, v, sigma):
+      bias = gaussian_bias(t_q, t_k, sigma, dtype)
+      return tokamax.dot_product_attention(q, k, v, bias=bias, implementation="mosaic")
+  else:
+    raise ValueError(peer)
+  return f
+
+
+def timed(fn, arg_sets, reps):
+  compiled = jax.jit(fn).lower(*arg_sets[0]).compile()
+  mem = None
+  try:
+    ma = compiled.memory_analysis()
+    mem = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**30
+  except Exception:  # pylint: disable=broad-except
+    pass
+  for i in range(3):
+    jax.block_until_ready(compiled(*arg_sets[i % len(arg_sets)]))
+  times = []
+  for i in range(reps):
+    args = arg_sets[i % len(arg_sets)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), mem
+
+
+def run_shape(name, peers, reps, dtype, blocks, log):
+  b, nq, nk, h, d, fq, fk, (s_lo, s_hi), cutoff = SHAPES[name]
+  t_q = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.float32) / fq, (b, nq))
+  t_k = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.float32) / fk, (b, nk))
+  sigma = jnp.asarray(np.geomspace(s_lo, s_hi, h), jnp.float32)
+  per_set = 2 * (b * nq * h * d + 2 * b * nk * h * d) * 2  # q,k,v,do bytes (bf16)
+  n_sets = 3 if per_set * 3 < 6 * 2**30 else 1
+  rng = jax.random.split(jax.random.key(0), n_sets)
+
+  def inputs(key):
+    kq, kk, kv, kd = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (b, nq, h, d), dtype)
+    k = jax.random.normal(kk, (b, nk, h, d), dtype)
+    v = jax.random.normal(kv, (b, nk, h, d), dtype)
+    do = jax.random.normal(kd, (b, nq, h, d), dtype)
+    return q, k, v, do
+
+  sets = [inputs(r) for r in rng]
+  flops_fwd = 4.0 * b * h * nq * nk * d
+  rows = []
+  for peer in peers:
+    fwd = make_fn(peer, t_q, t_k, cutoff, dtype, blocks)
+
+    def fwd_bwd(q, k, v, sigma, do, fwd=fwd):
+      _, vjp = jax.vjp(fwd, q, k, v, sigma)
+      return vjp(do)
+
+    for mode in ("fwd", "fwd+bwd"):
+      row = dict(shape=name, peer=peer, mode=mode)
+      try:
+        if mode == "fwd":
+          t, mem = timed(fwd, [(q, k, v, sigma) for q, k, v, _ in sets], reps)
+          fl = flops_fwd
+        else:
+          t, mem = timed(fwd_bwd, [(q, k, v, sigma, do) for q, k, v, do in sets], reps)
+          fl = 3.5 * flops_fwd
+        row.update(ms=t * 1e3, tflops=fl / t / 1e12, mem_gib=mem)
+      except Exception as e:  # pylint: disable=broad-except
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+          msg = "OOM: " + msg
+        row.update(error=msg)
+        traceback.print_exc(file=log)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def markdown(rows, header):
+  out = [header, "", "| shape | implementation | mode | ms | TF/s | temp+out GiB |",
+         "|---|---|---|---:|---:|---:|"]
+  for r in rows:
+    if "error" in r:
+      out.append(f"| {r['shape']} | {r['peer']} | {r['mode']} | — | — | {r['error']} |")
+    else:
+      mem = "—" if r.get("mem_gib") is None else f"{r['mem_gib']:.2f}"
+      out.append(f"| {r['shape']} | {r['peer']} | {r['mode']} | {r['ms']:.3f} | "
+                 f"{r['tflops']:.0f} | {mem} |")
+  return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--shapes", default=",".join(SHAPES))
+  p.add_argument("--peers", default=",".join(PEERS))
+  p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--blocks", default="", help="ours' block sizes, e.g. block_q=64,block_kv=128")
+  p.add_argument("--out_md", default=None)
+  p.add_argument("--out_json", default=None)
+  args = p.parse_args(argv)
+  blocks = {k: int(v) for k, v in (kv.split("=") for kv in args.blocks.split(",") if kv)}
+  dtype = jnp.dtype(args.dtype)
+  dev = jax.devices()[0]
+  header = (f"Device: {dev.device_kind}; jax {jax.__version__}; "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+            f"dtype {args.dtype}; median of {args.reps}; command: "
+            f"`python benchmarks/attention.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+  rows = []
+  for name in args.shapes.split(","):
+    peers = args.peers.split(",")
+    if SHAPES[name][-1] is not None:  # band skipping: ours with cutoff vs ours dense
+      rows += run_shape(name, ["ours"], args.reps, dtype, blocks, sys.stderr)
+      continue
+    rows += run_shape(name, peers, args.reps, dtype, blocks, sys.stderr)
+  table = markdown(rows, header)
+  print(table)
+  if args.out_md:
+    with open(args.out_md, "w") as f:
+      f.write(table)
+  if args.out_json:
+    with open(args.out_json, "w") as f:
+      json.dump(dict(header=header, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
