@@ -375,6 +375,13 @@ def test_pipeline_reads_tfds_like_the_generator(synthdyad_tfds):
   assert len(from_gen) == len(from_tfds) == 2  # 2 examples x 2 windows of 20 frames
   for a, b in zip(from_gen, from_tfds):
     _assert_batches_equal(a, b)
+  # Without video keys the TFDS source leaves the videos undecoded; the batches are unchanged.
+  c.keep_keys = ()
+  no_video = next(pipeline.make(c, "test", shuffle=False, num_epochs=1, shard_index=0,
+                                shard_count=1))
+  assert pipeline.make_source(c, "test").skip == ("video", "partner_video", "reference_image")
+  want = {k: v for k, v in from_gen[0].items() if k not in ("video", "audio_partner")}
+  _assert_batches_equal(no_video, want)
 
 
 def _write_dualtalk_folder(root, rng, convs):

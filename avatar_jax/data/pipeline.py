@@ -202,10 +202,16 @@ class SynthDyadSource:
 
 
 class TfdsSource:
-  """Grain random-access source over a prepared TFDS dataset (ArrayRecord, no TensorFlow)."""
+  """Grain random-access source over a prepared TFDS dataset (ArrayRecord, no TensorFlow).
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None):
+  `skip`: features left undecoded (returned as raw bytes), e.g. the videos of a rendered dataset
+  read by a motion model: zlib-inflating them is most of the read cost.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None,
+               skip: Sequence[str] = ()):
     self.name, self.split, self.data_dir = name, split, data_dir
+    self.skip = tuple(skip)
     self._ds = None
     self._len = len(self._open())
 
@@ -215,7 +221,12 @@ class TfdsSource:
       # Registers the project's builders so `name` resolves without a module path.
       from avatar_jax.data import builders  # pylint: disable=g-import-not-at-top,unused-import
 
-      self._ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+      ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+      present = [k for k in self.skip if k in ds.dataset_info.features]
+      if present:
+        ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                              decoders={k: tfds.decode.SkipDecoding() for k in present})
+      self._ds = ds
     return self._ds
 
   def __getstate__(self):
@@ -254,7 +265,8 @@ def make_source(config: ml_collections.ConfigDict, split: str):
         cache=s.cache,
     )
   if config.source == "tfds":
-    return TfdsSource(config.tfds.name, split, config.tfds.data_dir)
+    skip = [k for k in ("video", "partner_video", "reference_image") if k not in config.keep_keys]
+    return TfdsSource(config.tfds.name, split, config.tfds.data_dir, skip=skip)
   raise ValueError(f"config.source must be 'synthdyad' or 'tfds', got {config.source!r}.")
 
 
