@@ -119,7 +119,12 @@ def run_shape(name, peers, reps, dtype, blocks, log):
   flops_fwd = 4.0 * b * h * nq * nk * d
   rows = []
   for peer in peers:
-    fwd = make_fn(peer, t_q, t_k, cutoff, dtype, blocks)
+    try:
+      fwd = make_fn(peer, t_q, t_k, cutoff, dtype, blocks)
+    except Exception as e:  # pylint: disable=broad-except
+      for mode in ("fwd", "fwd+bwd"):
+        rows.append(dict(shape=name, peer=peer, mode=mode, error=f"{type(e).__name__}: {e}"))
+      continue
 
     def fwd_bwd(q, k, v, sigma, do, fwd=fwd):
       _, vjp = jax.vjp(fwd, q, k, v, sigma)

@@ -430,7 +430,11 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
 def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
              block_kv, num_stages, head_codes, interpret):
-  """dQ (unscaled: Σ_j dS_ij k_j) for every query row. qvec rows: [lse2, delta, g, masks...]."""
+  """dQ (unscaled: Σ_j dS_ij k_j) and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
+
+  qvec rows: [lse2, delta, g, masks...]. pen̄ lets the dK/dV kernel form dσ without the
+  cancellation of Σ_j dS_ij = 0 (see :func:`_dkv_call`).
+  """
   pl, plgpu = _plgpu()
   b, nq, h, d = q.shape
   hkv = k.shape[2]
@@ -445,7 +449,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
   names = ("g",) + _mask_rows(spec)
 
   def body(q_ref, k_ref, v_ref, do_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, dq_ref,
-           q_smem2, do_smem2, qv_smem2, k_smem, v_smem, kv_smem,
+           pbar_ref, q_smem2, do_smem2, qv_smem2, pbar_smem2, k_smem, v_smem, kv_smem,
            q_bar, do_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free):
     bi = lax.axis_index("b")
     hi = lax.axis_index("h")
@@ -475,7 +479,8 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
       bc_q = lambda x: lax.broadcast_in_dim(x, shape, [0])
       bc_k = lambda x: lax.broadcast_in_dim(x, shape, [1])
 
-      def step(j, dq_acc, masked):
+      def step(j, carry, masked):
+        dq_acc, pbar = carry
         slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(k_bar.at[slot])
         s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret)
@@ -483,26 +488,31 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
         n_load = nr if masked else 1
         krow = [_load(kv_smem.at[slot, i], col_l, interpret) for i in range(n_load)]
         dg = bc_q(qrow["g"]) - bc_k(krow[0])
-        s = s * scale_log2 - dg * dg
+        pen = dg * dg
+        s = s * scale_log2 - pen
         if masked:
           rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
           rk = {nm: functools.partial(bc_k, krow[i + 1]) for i, nm in enumerate(names[1:])}
           s = _apply_mask(s, rq, rk, spec, block_q, block_kv)
         p = jnp.exp2(s - bc_q(lse))
+        pbar = pbar + (p * pen).sum(axis=1)
         plgpu.barrier_wait(v_bar.at[slot])
         dp = _mm(shape, do_smem, v_smem.at[slot], interpret=interpret)
         plgpu.barrier_arrive(v_free.at[slot])
         ds = p * (dp - bc_q(delta))
         dq_acc = _mma(dq_acc, ds.astype(dtype), k_smem.at[slot], interpret)
         plgpu.barrier_arrive(k_free.at[slot])
-        return dq_acc
+        return dq_acc, pbar
 
-      dq_acc = _cast(interpret, jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
-      dq_acc = lax.fori_loop(0, n_p, functools.partial(step, masked=True), dq_acc)
-      dq_acc = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), dq_acc)
+      carry = (_cast(interpret, jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA),
+               _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l))
+      carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
+      dq_acc, pbar = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), carry)
       q_smem[...] = dq_acc.astype(dtype)
+      pbar_smem2.at[wg][...] = pbar
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, pl.ds(q0, block_q), hi])
+      plgpu.copy_smem_to_gmem(pbar_smem2.at[wg], pbar_ref.at[bi, hi, pl.ds(q0, block_q)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -553,6 +563,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
       plgpu.SMEM((2, block_q, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((2, block_q, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((2, nqr, block_q), jnp.float32),
+      plgpu.SMEM((2, block_q), jnp.float32),
       plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((stages, nr, block_kv), jnp.float32),
@@ -566,7 +577,9 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
   ]
   kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
+      body, out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
+                      jax.ShapeDtypeStruct((b, h, nq), jnp.float32)],
+      scratch_types=scratch,
       grid=(h, n_tiles, b), grid_names=("h", "t", "b"),
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -576,9 +589,13 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
 
 def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
               block_kv, num_stages, head_codes, interpret):
-  """dK, dV per query head (dK unscaled) and dσ partials Σ_i dS_ij·pen_ij·log2(e) per key.
+  """dK, dV per query head (dK unscaled) and dσ partials per key (log2 units).
 
-  qvec rows: [lse2, delta, g, masks...]; kvec rows: [g, masks...]. Returns
+  The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
+  (Σ_j P_ij (pen_ij − pen̄_i) = 0 removes delta) but does not inherit the error of delta
+  computed from the rounded output, which Σ dS·pen, a sum with heavy cancellation, amplifies.
+
+  qvec rows: [lse2, delta, pen̄, g, masks...]; kvec rows: [g, masks...]. Returns
   dk, dv [B, Nk, H, D] and part [B, H, Nk] float32.
   """
   pl, plgpu = _plgpu()
@@ -633,8 +650,9 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         plgpu.barrier_wait(qv_bar.at[slot])
         lse = _load(qv_smem.at[slot, 0], col_l, interpret)
         delta = _load(qv_smem.at[slot, 1], col_l, interpret)
+        pbar = _load(qv_smem.at[slot, 2], col_l, interpret)
         n_load = len(names) if masked else 1
-        qrow = [_load(qv_smem.at[slot, i + 2], col_l, interpret) for i in range(n_load)]
+        qrow = [_load(qv_smem.at[slot, i + 3], col_l, interpret) for i in range(n_load)]
         dg = bc_q(qrow[0]) - bc_k(krow["g"])
         pen = dg * dg
         st = st * scale_log2 - pen
@@ -648,7 +666,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         dpt = _mm(shape, v_smem, do_smem.at[slot], interpret=interpret)
         plgpu.barrier_arrive(do_free.at[slot])
         dst = pt * (dpt - bc_q(delta))
-        part = part + (dst * pen).sum(axis=1)
+        part = part + (pt * dpt * (pen - bc_q(pbar))).sum(axis=1)
         dk_acc = _mma(dk_acc, dst.astype(dtype), q_smem.at[slot], interpret)
         plgpu.barrier_arrive(q_free.at[slot])
         return dk_acc, dv_acc, part
@@ -807,13 +825,14 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
 
   codes_q = prep.codes(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
   order, n_part, n_full = block_lists(codes_q)
-  dq = _dq_call(qp, kp, vp, dop, qvec_b, prep.kvec, order, n_part, n_full,
+  dq, pbar = _dq_call(qp, kp, vp, dop, qvec_b, prep.kvec, order, n_part, n_full,
                 block_q=cfg["block_q_dq"], block_kv=cfg["block_kv_dq"],
                 num_stages=cfg["num_stages_bwd"], head_codes=codes_q.shape[1] > 1, **kw)
 
   codes_k = prep.codes(cfg["block_q_dkv"], 2 * cfg["block_kv_dkv"])
   order, n_part, n_full = block_lists(jnp.swapaxes(codes_k, 2, 3))
-  dk, dv, part = _dkv_call(qp, kp, vp, dop, qvec_b, prep.kvec, order, n_part, n_full,
+  qvec_k = jnp.concatenate([qvec_b[:, :, :2], pbar[:, :, None], prep.qvec], axis=2)
+  dk, dv, part = _dkv_call(qp, kp, vp, dop, qvec_k, prep.kvec, order, n_part, n_full,
                            block_q=cfg["block_q_dkv"], block_kv=cfg["block_kv_dkv"],
                            num_stages=cfg["num_stages_bwd"],
                            head_codes=codes_k.shape[1] > 1, **kw)
