@@ -171,6 +171,8 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--blocks", default="", help="ours' block sizes, e.g. block_q=64,block_kv=128")
+  p.add_argument("--sweep", default="", help="';'-separated block configs of ours to compare")
+  p.add_argument("--sweep_shape", default="self_b4_n4096")
   p.add_argument("--out_md", default=None)
   p.add_argument("--out_json", default=None)
   args = p.parse_args(argv)
@@ -182,7 +184,11 @@ def main(argv=None):
             f"dtype {args.dtype}; median of {args.reps}; command: "
             f"`python benchmarks/attention.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
   rows = []
-  for name in args.shapes.split(","):
+  for variant in (v for v in args.sweep.split(";") if v):
+    vb = {k: int(x) for k, x in (kv.split("=") for kv in variant.split(",") if kv)}
+    for r in run_shape(args.sweep_shape, ["ours"], args.reps, dtype, vb, sys.stderr):
+      rows.append(dict(r, peer=f"ours[{variant}]"))
+  for name in (s for s in args.shapes.split(",") if s):
     peers = args.peers.split(",")
     if SHAPES[name][-1] is not None:  # band skipping: ours with cutoff vs ours dense
       rows += run_shape(name, ["ours"], args.reps, dtype, blocks, sys.stderr)

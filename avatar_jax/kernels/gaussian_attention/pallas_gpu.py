@@ -44,7 +44,8 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees inf − inf.
 
-_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2,
+# fence: 1 puts an optimization barrier between the forward softmax and the P·V hand-off.
+_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, fence=0,
                        block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
 
@@ -261,7 +262,7 @@ def _apply_mask(s, rows_q, rows_k, spec, bq, bk):
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret):
+              block_kv, num_stages, head_codes, interpret, fence=0):
   pl, plgpu = _plgpu()
   b, nq, h, d = q.shape
   nk, hkv = k.shape[1], k.shape[2]
@@ -329,6 +330,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         acc = acc * lax.broadcast_in_dim(alpha, (block_q, d), [0])
         l = l * alpha + p.sum(axis=1)
         p16 = p.astype(dtype)
+        if fence and not interpret:
+          # Keeps the compiler from sinking the softmax tail past the hand-off below.
+          acc, m_new, l, p16 = lax.optimization_barrier((acc, m_new, l, p16))
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(v_bar.at[slot])
         plgpu.barrier_wait(sched)
@@ -798,7 +802,7 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, prep.kvec, order, n_part, n_full,
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
-                        head_codes=codes.shape[1] > 1, interpret=interpret)
+                        head_codes=codes.shape[1] > 1, interpret=interpret, fence=cfg["fence"])
   out = out[:, :prep.nq]
   lse = lse2[:, :, :prep.nq] * LN2
   return out, lse
