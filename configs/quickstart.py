@@ -17,7 +17,7 @@ from avatar_jax.models.motion import motion_dit
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, steps=1500, width=96, depth=3, batch=32, attn="gaussian",
+  arg = config_lib.parse_arg(arg, steps=800, width=64, depth=2, batch=16, attn="gaussian",
                              learn_sigma=True, eval_clips=32, seed=0, clip_frames=100)
   c = config_lib.ml_collections.ConfigDict()
   c.seed = arg.seed
@@ -40,7 +40,7 @@ def get_config(arg=None):
 
   c.optim = dict(lr=1e-3, warmup_steps=100, end_lr_factor=0.05, b1=0.9, b2=0.99,
                  weight_decay=1e-4, clip_norm=1.0, ema_decay=0.99)
-  c.train = dict(num_steps=arg.steps, log_every=50, ckpt_every=250, sample_every=0,
+  c.train = dict(num_steps=arg.steps, log_every=50, ckpt_every=200, sample_every=400,
                  max_checkpoints=2, stats_batches=4, progress_bar=True)
   c.eval = dict(at_end=True, splits=("test",), num_clips=arg.eval_clips, baselines=True,
                 video=True, batch_size=16)
