@@ -51,7 +51,12 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"found {len(devices)}")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+  # Auto axes: the compiler inserts the collectives that parameter sharding needs (FSDP
+  # all-gathers of `embed`-sharded weights, tensor-parallel reductions). Under jax.make_mesh's
+  # default Explicit axes, a batch-sharded activation times an fsdp-sharded kernel is a type
+  # error unless every model resharded its weights by hand.
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def logical_to_spec(logical: Sequence[str | None] | None, mesh: jax.sharding.Mesh,
