@@ -206,3 +206,12 @@ def test_bad_inputs():
     dt.clip_metrics(np.zeros((10, 55)), np.zeros((10, 56)), np.zeros((10, 56)))
   with pytest.raises(ValueError, match="speaker"):
     dt.partner_name("clip_7")
+
+
+def test_synthdyad_sample_export():
+  sd = pytest.importorskip("avatar_jax.data.synthdyad.generator")
+  s = sd.make_sample("test", 3, render=False)
+  m = dt.sample_metrics(s["flame56_self"], s)
+  assert abs(m["fd_exp"]) < 1e-6 and m["mse_jaw"] == 0 and m["rpcc_pose"] == 0
+  shuffled = dt.sample_metrics(s["flame56_partner"], s)
+  assert shuffled["pfd_exp"] > shuffled["fd_exp"] > 0 and shuffled["rpcc_exp"] > 0.1

@@ -215,6 +215,14 @@ def clip_metrics(pred: Any, gt: Any, partner: Any, *, seed: int = 0,
   return out
 
 
+def sample_metrics(pred: Any, sample: Mapping[str, Any], **kw) -> dict[str, float]:
+  """clip_metrics of `pred [T, 56]` against a SynthDyad sample's flame56_self / flame56_partner."""
+  for key in ("flame56_self", "flame56_partner"):
+    if key not in sample:
+      raise KeyError(f"sample_metrics: sample lacks '{key}'; found keys {sorted(sample)}")
+  return clip_metrics(pred, sample["flame56_self"], sample["flame56_partner"], **kw)
+
+
 def aggregate(clips: Sequence[Mapping[str, float]]) -> dict[str, float]:
   """Mean of each metric over clips (diversity: over clips with >= 100 frames), plus `clips`."""
   if not clips:

@@ -13,6 +13,8 @@ and sqrtm has no JAX equivalent that is as well-conditioned on CPU.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from absl import logging
 from scipy import linalg
@@ -39,12 +41,17 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape} vs {mu2.shape}, "
                      f"sigma {sigma1.shape} vs {sigma2.shape}")
   diff = mu1 - mu2
-  covmean = linalg.sqrtm(sigma1 @ sigma2)
-  if not np.isfinite(covmean).all():
-    logging.warning("frechet_distance: singular covariance product; adding %g to the diagonals",
-                    eps)
-    offset = np.eye(sigma1.shape[0]) * eps
-    covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+  # Rank-deficient covariances (fewer samples than dimensions, or features confined to a
+  # subspace, as SynthDyad's 6-channel expression inside FLAME's 50) make scipy warn on every
+  # call; the result is checked below instead.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", linalg.LinAlgWarning)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+      logging.warning("frechet_distance: singular covariance product; adding %g to the diagonals",
+                      eps)
+      offset = np.eye(sigma1.shape[0]) * eps
+      covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAG_TOL):
       raise ValueError("frechet_distance: sqrtm has an imaginary component of "
