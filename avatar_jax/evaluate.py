@@ -1,10 +1,14 @@
-"""Evaluate a trained run: `python -m avatar_jax.evaluate --workdir DIR [--split test,ood]`.
+"""Evaluate trained runs: `python -m avatar_jax.evaluate --workdir DIR [--split test,ood]
+[--table timar|synthdyad|synthdyad_ablation|dualtalk|avatar_forcing|echo] [--seeds 0,1,2]`.
 
 Loads the last checkpoint (EMA weights) and its config from `--workdir`, generates motion for
 SynthDyad clips of each split, and scores it with the SynthDyad §6 metrics next to three
 references: ground truth (what the metrics give the generator's own motion), mean motion
 (a constant: the training mean), and the same model fed shuffled audio (each clip gets another
 clip's two audio streams). Writes `<workdir>/eval/<split>.json` and `.md` and prints the table.
+
+With `--table`, prints a published layout instead (one row per workdir label; several workdirs
+with one label, or several `--seeds`, give mean ± 95% CI) and writes it as .md + .json.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from absl import app, flags, logging
 from flax import nnx
 
 from avatar_jax.data import features, pipeline
-from avatar_jax.evals import synthdyad_metrics
+from avatar_jax.data.synthdyad import flame
+from avatar_jax.evals import dualtalk, synthdyad_metrics, tables
 
 
 def eval_samples(config, split: str, num_clips: int) -> list[dict]:
@@ -61,8 +66,12 @@ def generate_motion(system, model, batch, rng, batch_size: int) -> np.ndarray:
 
 
 def motion_eval(system, model, config, split: str, *, num_clips: int, rng, baselines: bool = True,
-                batch_size: int = 16) -> tuple[dict, list]:
-  """{row name: aggregated metrics} for the model and (optionally) the reference rows."""
+                batch_size: int = 16, with_flame56: bool = False) -> tuple[dict, list]:
+  """{row name: aggregated metrics} for the model and (optionally) the reference rows.
+
+  with_flame56: also the DualTalk/TIMAR metrics (FD, P-FD, MSE, SID, rPCC, ...) on the 56-d
+  export of the generated and true motion.
+  """
   samples = eval_samples(config, split, num_clips)
   rows, preds = {}, {}
   preds["model"] = generate_motion(system, model, mel_batch(samples, config), rng, batch_size)
@@ -77,6 +86,12 @@ def motion_eval(system, model, config, split: str, *, num_clips: int, rng, basel
   for name, pred in preds.items():
     rows[name] = synthdyad_metrics.aggregate(
         [synthdyad_metrics.clip_metrics(p, s) for p, s in zip(pred, samples)])
+    if with_flame56:
+      # DualTalk/TIMAR metrics on the 56-d export of the same motion (SYNTHDYAD.md §3).
+      agg, _ = dualtalk.evaluate_arrays([flame.to_flame56(p) for p in pred],
+                                        [s["flame56_self"] for s in samples],
+                                        [s["flame56_partner"] for s in samples])
+      rows[name].update({k: v for k, v in agg.items() if k != "clips"})
   return rows, samples
 
 
@@ -111,29 +126,66 @@ def evaluate_motion_system(system, model, config, workdir: str, *, writer=None, 
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def table_rows(workdirs, names, splits, seeds, num_clips, table: str) -> list[dict]:
+  """One result row per (run, split, sampling seed): the model's metrics, labelled for `tables`."""
+  from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
+  rows = []
+  for workdir, name in zip(workdirs, names):
+    system, model, config, step = trainer.restore_model(workdir)
+    for split in splits:
+      for seed in seeds:
+        res, _ = motion_eval(system, model, config, split, num_clips=num_clips or config.eval.num_clips,
+                             rng=jax.random.key(seed), baselines=False,
+                             batch_size=config.eval.batch_size, with_flame56=table != "synthdyad")
+        label = f"{name} ({split})" if len(splits) > 1 else name
+        rows.append({"name": label, "seed": seed, "split": split, "step": step, "workdir": workdir,
+                     **res["model"]})
+  return rows
 
 
 def _define_flags():
   """CLI flags, defined only when run as a program (the module is also a library)."""
-  global _WORKDIR, _SPLITS, _CLIPS
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints + config).")
+  global _WORKDIR, _NAMES, _SPLITS, _CLIPS, _TABLE, _SEEDS, _OUT
+  _WORKDIR = flags.DEFINE_list("workdir", None, "Training workdir(s) (checkpoints + config).")
+  _NAMES = flags.DEFINE_list("names", None, "Row label per workdir (default: its basename); "
+                             "workdirs with the same label are averaged (mean ± 95% CI).")
   _SPLITS = flags.DEFINE_list("split", None, "Splits to evaluate (default: the config's eval.splits).")
   _CLIPS = flags.DEFINE_integer("num_clips", None, "Clips per split (default: config.eval.num_clips).")
+  _TABLE = flags.DEFINE_enum("table", None, sorted(tables.LAYOUTS),
+                             "Print this published table layout instead of the SynthDyad table "
+                             "with baselines.")
+  _SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds (several: mean ± 95% CI).")
+  _OUT = flags.DEFINE_string("out", None, "Where to write <out>.md/.json (default: "
+                             "<first workdir>/eval/table_<table>).")
 
 
 def main(argv):
   del argv
   from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
-  system, model, config, step = trainer.restore_model(_WORKDIR.value)
-  with config.unlocked():
-    if _SPLITS.value:
-      config.eval.splits = tuple(_SPLITS.value)
-    if _CLIPS.value:
-      config.eval.num_clips = _CLIPS.value
-  evaluate_motion_system(system, model, config, _WORKDIR.value, step=step)
-  for split in config.eval.splits:
-    with open(os.path.join(_WORKDIR.value, "eval", f"{split}.md")) as f:
-      print(f.read())
+  workdirs = _WORKDIR.value
+  if _TABLE.value is None:
+    if len(workdirs) != 1:
+      raise app.UsageError("several --workdir values need --table")
+    system, model, config, step = trainer.restore_model(workdirs[0])
+    with config.unlocked():
+      if _SPLITS.value:
+        config.eval.splits = tuple(_SPLITS.value)
+      if _CLIPS.value:
+        config.eval.num_clips = _CLIPS.value
+    evaluate_motion_system(system, model, config, workdirs[0], step=step)
+    for split in config.eval.splits:
+      with open(os.path.join(workdirs[0], "eval", f"{split}.md")) as f:
+        print(f.read())
+    return
+  names = _NAMES.value or [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  if len(names) != len(workdirs):
+    raise app.UsageError(f"--names has {len(names)} labels for {len(workdirs)} workdirs")
+  splits = _SPLITS.value or ["test"]
+  rows = table_rows(workdirs, names, splits, [int(s) for s in _SEEDS.value], _CLIPS.value, _TABLE.value)
+  out = _OUT.value or os.path.join(workdirs[0], "eval", f"table_{_TABLE.value}")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  tables.write_table(_TABLE.value, rows, out)
+  print(tables.render_table(_TABLE.value, rows))
 
 
 def run():
