@@ -9,9 +9,11 @@ Times forward and forward+backward (VJP w.r.t. q, k, v and σ) of
     materialised as a [1, H, Nq, Nk] array from σ inside the timed function, so dσ comes from
     autodiff through the bias.
 
-Timing: median wall time of `--reps` calls after 3 warm-ups, each call synchronised with
-block_until_ready, rotating over up to 3 input sets (fresh random normal data) so repeated
-calls do not hit in L2. FLOP convention: forward = 4·B·H·Nq·Nk·D (two matmuls, every pair
+Timing: after 3 warm-up calls, `--reps` rounds; in each round every implementation of the
+shape is sampled once (interleaved, so clock drift hits all alike); a sample is the wall time
+of k back-to-back calls (k ≈ 20 ms worth, rotating over up to 3 input sets of fresh random
+normal data so repeated calls do not hit in L2) ended by block_until_ready, divided by k. The
+median sample is reported, with the (max − min)/median spread in the JSON. FLOP convention: forward = 4·B·H·Nq·Nk·D (two matmuls, every pair
 counted, no causal discount — the benchmark shapes have no mask), forward+backward = 3.5× that
 (the usual 2 + 5 matmul count). Band skipping is reported against the dense FLOP count, so its
 "TF/s" is an effective rate. Memory: XLA's compiled temp + output bytes of the timed function
@@ -41,6 +43,7 @@ SHAPES = {
     "cross_b2_q8448_k1056_d64": (2, 8448, 1056, 16, 64, 25.0, 25.0 / 8, (0.04, 2.0), None),
     "long_b1_n32768": (1, 32768, 32768, 16, 128, 25.0, 25.0, (0.04, 2.0), None),
     "band_b1_n32768_sigma_le_2fr": (1, 32768, 32768, 16, 128, 25.0, 25.0, (0.02, 0.08), 20.0),
+    "smoke": (1, 256, 256, 2, 64, 25.0, 25.0, (0.04, 2.0), None),  # script check, not reported
 }
 PEERS = ("ours", "cudnn_nobias", "cudnn_bias", "xla_bias", "tokamax_bias")
 
@@ -54,6 +57,8 @@ def gaussian_bias(t_q, t_k, sigma, dtype):
 
 def make_fn(peer, t_q, t_k, cutoff, dtype, blocks):
   """(q, k, v, sigma) -> out for one implementation."""
+  if peer == "ours_dense":  # band-skipping shapes: the same kernel without the cutoff
+    peer, cutoff = "ours", None
   if peer == "ours":
     def f(q, k, v, sigma):
       return api.gaussian_attention(q, k, v, t_q, t_k, sigma, implementation="pallas_gpu",
@@ -79,7 +84,7 @@ def make_fn(peer, t_q, t_k, cutoff, dtype, blocks):
   return f
 
 
-def timed(fn, arg_sets, reps):
+def compile_fn(fn, arg_sets):
   compiled = jax.jit(fn).lower(*arg_sets[0]).compile()
   mem = None
   try:
@@ -87,18 +92,22 @@ def timed(fn, arg_sets, reps):
     mem = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**30
   except Exception:  # pylint: disable=broad-except
     pass
-  for i in range(3):
+  for i in range(3):  # warm-up (also surfaces run-time OOM before timing)
     jax.block_until_ready(compiled(*arg_sets[i % len(arg_sets)]))
-  times = []
-  for i in range(reps):
-    args = arg_sets[i % len(arg_sets)]
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), mem
+  return compiled, mem
 
 
-def run_shape(name, peers, reps, dtype, blocks, log):
+def sample(compiled, arg_sets, inner):
+  """Seconds per call over `inner` back-to-back calls (rotating inputs), one sync at the end."""
+  t0 = time.perf_counter()
+  outs = [compiled(*arg_sets[i % len(arg_sets)]) for i in range(inner)]
+  jax.block_until_ready(outs)
+  return (time.perf_counter() - t0) / inner
+
+
+def run_shape(name, variants, reps, dtype, log):
+  """variants: list of (label, peer, blocks). Rows of all variants, timed in interleaved rounds
+  (each round samples every variant once) so clock or thermal drift hits all of them alike."""
   b, nq, nk, h, d, fq, fk, (s_lo, s_hi), cutoff = SHAPES[name]
   t_q = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.float32) / fq, (b, nq))
   t_k = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.float32) / fk, (b, nk))
@@ -109,21 +118,18 @@ def run_shape(name, peers, reps, dtype, blocks, log):
 
   def inputs(key):
     kq, kk, kv, kd = jax.random.split(key, 4)
-    q = jax.random.normal(kq, (b, nq, h, d), dtype)
-    k = jax.random.normal(kk, (b, nk, h, d), dtype)
-    v = jax.random.normal(kv, (b, nk, h, d), dtype)
-    do = jax.random.normal(kd, (b, nq, h, d), dtype)
-    return q, k, v, do
+    return tuple(jax.random.normal(kx, shp, dtype) for kx, shp in (
+        (kq, (b, nq, h, d)), (kk, (b, nk, h, d)), (kv, (b, nk, h, d)), (kd, (b, nq, h, d))))
 
   sets = [inputs(r) for r in rng]
   flops_fwd = 4.0 * b * h * nq * nk * d
-  rows = []
-  for peer in peers:
+  rows, live = [], []
+  for label, peer, blocks in variants:
     try:
       fwd = make_fn(peer, t_q, t_k, cutoff, dtype, blocks)
     except Exception as e:  # pylint: disable=broad-except
       for mode in ("fwd", "fwd+bwd"):
-        rows.append(dict(shape=name, peer=peer, mode=mode, error=f"{type(e).__name__}: {e}"))
+        rows.append(dict(shape=name, peer=label, mode=mode, error=f"{type(e).__name__}: {e}"))
       continue
 
     def fwd_bwd(q, k, v, sigma, do, fwd=fwd):
@@ -131,23 +137,36 @@ def run_shape(name, peers, reps, dtype, blocks, log):
       return vjp(do)
 
     for mode in ("fwd", "fwd+bwd"):
-      row = dict(shape=name, peer=peer, mode=mode)
+      row = dict(shape=name, peer=label, mode=mode)
+      rows.append(row)
       try:
         if mode == "fwd":
-          t, mem = timed(fwd, [(q, k, v, sigma) for q, k, v, _ in sets], reps)
-          fl = flops_fwd
+          args = [(q, k, v, sigma) for q, k, v, _ in sets]
+          compiled, mem = compile_fn(fwd, args)
+          row["flops"] = flops_fwd
         else:
-          t, mem = timed(fwd_bwd, [(q, k, v, sigma, do) for q, k, v, do in sets], reps)
-          fl = 3.5 * flops_fwd
-        row.update(ms=t * 1e3, tflops=fl / t / 1e12, mem_gib=mem)
+          args = [(q, k, v, sigma, do) for q, k, v, do in sets]
+          compiled, mem = compile_fn(fwd_bwd, args)
+          row["flops"] = 3.5 * flops_fwd
+        row["mem_gib"] = mem
+        t1 = sample(compiled, args, 1)
+        live.append((row, compiled, args, max(1, min(20, int(0.02 / max(t1, 1e-6))))))
       except Exception as e:  # pylint: disable=broad-except
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
           msg = "OOM: " + msg
-        row.update(error=msg)
+        row["error"] = msg
         traceback.print_exc(file=log)
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+  samples = {id(r): [] for r, *_ in live}
+  for _ in range(reps):
+    for row, compiled, args, inner in live:
+      samples[id(row)].append(sample(compiled, args, inner))
+  for row, *_ in live:
+    t = statistics.median(samples[id(row)])
+    row.update(ms=t * 1e3, tflops=row["flops"] / t / 1e12,
+               spread=(max(samples[id(row)]) - min(samples[id(row)])) / t)
+  for row in rows:
+    print(json.dumps(row), flush=True)
   return rows
 
 
@@ -171,7 +190,8 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--blocks", default="", help="ours' block sizes, e.g. block_q=64,block_kv=128")
-  p.add_argument("--sweep", default="", help="';'-separated block configs of ours to compare")
+  p.add_argument("--sweep", default="",
+                 help="';'-separated [shape:]k=v,k=v block configs of ours, timed with the peers")
   p.add_argument("--sweep_shape", default="self_b4_n4096")
   p.add_argument("--out_md", default=None)
   p.add_argument("--out_json", default=None)
@@ -184,16 +204,19 @@ def main(argv=None):
             f"dtype {args.dtype}; median of {args.reps}; command: "
             f"`python benchmarks/attention.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
   rows = []
-  for variant in (v for v in args.sweep.split(";") if v):
-    vb = {k: int(x) for k, x in (kv.split("=") for kv in variant.split(",") if kv)}
-    for r in run_shape(args.sweep_shape, ["ours"], args.reps, dtype, vb, sys.stderr):
-      rows.append(dict(r, peer=f"ours[{variant}]"))
-  for name in (s for s in args.shapes.split(",") if s):
-    peers = args.peers.split(",")
-    if SHAPES[name][-1] is not None:  # band skipping: ours with cutoff vs ours dense
-      rows += run_shape(name, ["ours"], args.reps, dtype, blocks, sys.stderr)
-      continue
-    rows += run_shape(name, peers, args.reps, dtype, blocks, sys.stderr)
+  sweep = {}
+  for item in (v for v in args.sweep.split(";") if v):
+    shape, cfg = item.split(":") if ":" in item else (args.sweep_shape, item)
+    sweep.setdefault(shape, []).append(cfg)
+  for name in (x for x in args.shapes.split(",") if x):
+    if SHAPES[name][-1] is not None:  # band skipping: ours with and without the cutoff
+      variants = [("ours", "ours", blocks), ("ours_dense", "ours_dense", blocks)]
+    else:
+      variants = [(p, p, blocks) for p in args.peers.split(",")]
+    for cfg in sweep.get(name, []):
+      vb = dict(blocks, **{k: int(x) for k, x in (kv.split("=") for kv in cfg.split(",") if kv)})
+      variants.append((f"ours[{cfg}]", "ours", vb))
+    rows += run_shape(name, variants, args.reps, dtype, sys.stderr)
   table = markdown(rows, header)
   print(table)
   if args.out_md:
