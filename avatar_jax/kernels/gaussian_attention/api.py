@@ -65,8 +65,19 @@ def _gpu_module_available() -> bool:
     return False
 
 
-def resolve_implementation(implementation: str, b: int, h: int, nq: int, nk: int) -> str:
-  """'auto' → a concrete implementation name, by default backend and problem size."""
+def _gpu_kernel_fits(d: int | None, dtype) -> bool:
+  """Shapes and dtypes the Mosaic-GPU kernel handles (16-bit wgmma, head dim a multiple of 64)."""
+  if d is None or dtype is None:
+    return True
+  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and d % 64 == 0 and d <= 256
+
+
+def resolve_implementation(implementation: str, b: int, h: int, nq: int, nk: int,
+                           d: int | None = None, dtype=None) -> str:
+  """'auto' → a concrete implementation name, by default backend, problem size and dtype.
+
+  On GPU, inputs the fused kernel does not take (float32, small head dims) go to XLA.
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if implementation != "auto":
@@ -74,7 +85,7 @@ def resolve_implementation(implementation: str, b: int, h: int, nq: int, nk: int
   platform = jax.default_backend()
   if platform == "tpu":
     return "pallas_tpu"
-  if platform == "gpu" and _gpu_module_available():
+  if platform == "gpu" and _gpu_kernel_fits(d, dtype) and _gpu_module_available():
     return "pallas_gpu"
   if b * h * nq * nk > _AUTO_MATERIALISE_LIMIT:
     return "xla_chunked"
@@ -164,7 +175,7 @@ def gaussian_attention(q, k, v, t_q, t_k, sigma, *, scale=None, causal=False,
   t_q = jax.lax.stop_gradient(jnp.asarray(t_q))
   t_k = jax.lax.stop_gradient(jnp.asarray(t_k))
   q_seg, kv_seg = common.normalise_segment_ids(q_segment_ids, kv_segment_ids, b, nq, nk)
-  impl = resolve_implementation(implementation, b, h, nq, nk)
+  impl = resolve_implementation(implementation, b, h, nq, nk, d, q.dtype)
   if impl == "xla":
     if block_sizes:
       raise TypeError(f"implementation='xla' takes no block sizes, got {sorted(block_sizes)}")
