@@ -1,0 +1,240 @@
+"""Trainer tests on 8 fake CPU devices: sharded steps match one device, checkpoints restore onto
+another mesh (with the data position), a killed run resumes onto the uninterrupted loss curve, and
+a non-finite loss stops training with the last good checkpoint intact."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import trainer_harness as harness
+from avatar_jax import checkpointing, sharding, trainer
+from avatar_jax.data import pipeline
+from avatar_jax.models import registry
+
+# Meshes the sharded step must agree on: pure data parallel, and data x fsdp x tensor.
+MESHES = {
+    "data8": {"data": 8},
+    "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+}
+# Zero-initialised output layers (DiT style) let gradients reach the layers behind them one step
+# later: step 1 moves `out`, step 2 the attention outputs and gates, step 3 everything else.
+STEPS = 3
+# CPU compile time dominates these tests; LLVM optimisation buys nothing for tiny shapes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """(config, system, stats, tx, schedule, host batches) of the tiny config."""
+  # No warmup, so the first step already updates parameters.
+  config = harness.load_quickstart(**{"optim.warmup_steps": 0})
+  system = registry.get(config.model.name)(config.model)
+  it = pipeline.make(config.data, "train", seed=config.seed)
+  batches = [next(it) for _ in range(STEPS)]
+  stats = system.fit_stats(batches[:1])
+  tx, schedule = trainer.make_optimizer(config.optim, int(config.train.num_steps))
+  return config, system, stats, tx, schedule, batches
+
+
+_RUNS = {}
+
+
+def _train(setup, mesh_shape):
+  """STEPS sharded train steps on a mesh: (losses, initial state, final state, shardings).
+
+  States are host copies; cached per mesh so that tests share one compilation.
+  """
+  key = tuple(sorted(mesh_shape.items()))
+  if key not in _RUNS:
+    config, system, stats, tx, schedule, batches = setup
+    devices = jax.devices()[:int(np.prod(list(mesh_shape.values())))]
+    mesh = sharding.make_mesh(mesh_shape, devices=devices)
+    graphdef, state, shardings = trainer.create_state(system, config, mesh, stats, tx)
+    init = jax.device_get(state)
+    step_fn = trainer.make_train_step(system, graphdef, tx, schedule, config.optim.ema_decay,
+                                      jax.random.key(config.seed))
+    step = jax.jit(step_fn, donate_argnums=0, compiler_options=FAST_COMPILE,
+                   out_shardings=(shardings, sharding.replicated(mesh)))
+    losses = []
+    for b in batches:
+      state, metrics = step(state, pipeline.to_global(b, mesh))
+      losses.append(float(metrics["loss"]))
+    _RUNS[key] = losses, init, jax.device_get(state), shardings
+  return _RUNS[key]
+
+
+def _assert_trees_close(got, want, rtol, atol):
+  paths_got, tree_got = jax.tree_util.tree_flatten_with_path(got)
+  leaves_want, tree_want = jax.tree.flatten(want)
+  assert tree_got == tree_want
+  for (path, g), w in zip(paths_got, leaves_want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_sharded_step_matches_one_device(setup, name):
+  losses, init, state, shardings = _train(setup, MESHES[name])
+  ref_losses, ref_init, ref_state, _ = _train(setup, {"data": 1})
+  assert np.all(np.isfinite(losses)) and losses[0] > 0
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  _assert_trees_close(init, ref_init, rtol=0, atol=0)   # same initialisation on any mesh
+  # The steps really moved the parameters (otherwise the equality below would be vacuous),
+  # including parameters sharded over every split axis of this mesh. (Leaves behind chains of
+  # zero-initialised layers, e.g. AdaLN gates, need more steps before any gradient reaches them.)
+  split = {a for a, n in MESHES[name].items() if n > 1 and a != "data"}
+  moved, moved_axes = 0, set()
+  flat_new = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+  for (_, new), old, shd in zip(flat_new, jax.tree.leaves(init["params"]),
+                                jax.tree.leaves(shardings["params"])):
+    if np.max(np.abs(np.asarray(new) - np.asarray(old))) > 0:
+      moved += 1
+      moved_axes |= set(jax.tree.leaves(tuple(shd.spec))) & split
+  assert moved >= 0.5 * len(flat_new), f"only {moved}/{len(flat_new)} parameters changed"
+  assert moved_axes == split, f"no changed parameter is sharded over {split - moved_axes}"
+  assert int(state["step"]) == STEPS
+  _assert_trees_close(state["params"], ref_state["params"], rtol=1e-4, atol=1e-6)
+  _assert_trees_close(state["ema"], ref_state["ema"], rtol=1e-4, atol=1e-6)
+  _assert_trees_close(state["opt"], ref_state["opt"], rtol=1e-4, atol=1e-9)
+
+
+def _batches_equal(a, b):
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def test_checkpoint_restores_onto_another_mesh(setup, tmp_path):
+  config, system, stats, tx, _, _ = setup
+  _, _, host_state, src_shardings = _train(setup, MESHES["data2_fsdp2_tensor2"])
+  state = jax.device_put(host_state, src_shardings)   # saved as laid out on the 2x2x2 mesh
+  data = pipeline.make(config.data, "train", seed=config.seed)
+  for _ in range(3):
+    next(data)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(STEPS, state, data, config)
+  ckpt.wait()
+  expected_next = next(data)
+
+  for target in ({"fsdp": 4, "tensor": 2}, {"data": 1}):
+    devices = jax.devices()[:int(np.prod(list(target.values())))]
+    mesh = sharding.make_mesh(target, devices=devices)
+    _, like, shardings = trainer.create_state(system, config, mesh, stats, tx)
+    fresh = pipeline.make(config.data, "train", seed=config.seed)
+    restored = ckpt.restore(checkpointing.abstract_like(like, shardings), fresh)
+    for (path, got), want, shd in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                                      jax.tree.leaves(state), jax.tree.leaves(shardings)):
+      assert got.sharding.is_equivalent_to(shd, got.ndim), (target, jax.tree_util.keystr(path))
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                    err_msg=f"{target} {jax.tree_util.keystr(path)}")
+    _batches_equal(next(fresh), expected_next)
+  assert ckpt.restore_config().train.num_steps == config.train.num_steps
+  ckpt.close()
+
+
+# ------------------------------------------------------------------------ subprocess runs
+def _finished_checkpoints(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def test_killed_run_resumes_on_the_same_loss_curve(tmp_path_factory, tmp_path):
+  cache = harness.cache_dir(tmp_path_factory)
+  workdir = str(tmp_path / "run")
+  cmd = harness.train_command(workdir)
+  proc = subprocess.Popen(cmd, cwd=harness.REPO, env=harness.subprocess_env(cache),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  killed_after = []
+
+  def kill_after_first_checkpoint():
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+      done = _finished_checkpoints(workdir)
+      if done:
+        proc.send_signal(signal.SIGKILL)
+        killed_after.append(done[-1])
+        return
+      time.sleep(0.02)
+
+  killer = threading.Thread(target=kill_after_first_checkpoint)
+  killer.start()
+  reference = harness.trained_workdir(tmp_path_factory)   # uninterrupted, same seed (meanwhile)
+  killer.join()
+  proc.wait(timeout=30)
+  assert killed_after, f"no checkpoint before the run ended (rc={proc.returncode})"
+  assert proc.returncode == -signal.SIGKILL
+  assert killed_after[0] < harness.NUM_STEPS, "the run finished before it could be killed"
+  resume_from = _finished_checkpoints(workdir)[-1]    # a save may have completed meanwhile
+
+  out = harness.run(cmd, cache)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert f"at step {resume_from}" in out.stderr, out.stderr[-4000:]
+  assert _finished_checkpoints(workdir)[-1] == harness.NUM_STEPS
+
+  ref = harness.read_scalars(os.path.join(reference, "tb"), "train/loss")
+  assert len(ref) == 1 and sorted(ref[0]) == list(range(1, harness.NUM_STEPS + 1))
+  runs = harness.read_scalars(os.path.join(workdir, "tb"), "train/loss")
+  assert len(runs) == 2, "expected one event file per process"
+  before, after = runs
+  # The resumed process starts right after its checkpoint and runs to the end ...
+  assert sorted(after) == list(range(resume_from + 1, harness.NUM_STEPS + 1))
+  # ... on exactly the uninterrupted curve (same batches, same rngs, same state).
+  for step, loss in after.items():
+    np.testing.assert_allclose(loss, ref[0][step], rtol=1e-6, err_msg=f"step {step}")
+  for step, loss in before.items():
+    np.testing.assert_allclose(loss, ref[0][step], rtol=1e-6, err_msg=f"step {step} (killed run)")
+
+
+# Poisons the motion targets of the batch of step POISON_STEP with NaN, then runs train.py.
+_POISON = """
+import sys
+import numpy as np
+from avatar_jax import train
+from avatar_jax.data import pipeline
+calls, original = [0], pipeline.to_global
+def poisoned(batch, mesh, *args, **kwargs):
+  calls[0] += 1
+  if calls[0] == {step}:
+    batch = dict(batch, motion_self=np.full_like(batch["motion_self"], np.nan))
+  return original(batch, mesh, *args, **kwargs)
+pipeline.to_global = poisoned
+sys.argv[0] = "train"
+train.run()
+"""
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path_factory, tmp_path):
+  cache = harness.cache_dir(tmp_path_factory)
+  workdir = str(tmp_path / "nan")
+  poison_step = harness.CKPT_EVERY * 2 + 1
+  cmd = harness.train_command(workdir, program=("-c", _POISON.replace("{step}", str(poison_step))))
+  out = harness.run(cmd, cache)
+  assert out.returncode != 0
+  assert "NonFiniteLossError" in out.stderr, out.stderr[-4000:]
+  assert f"NaN or Inf at step {poison_step}" in out.stderr
+  last_good = harness.CKPT_EVERY * 2
+  assert f"last good checkpoint (step {last_good})" in out.stderr
+  assert _finished_checkpoints(workdir) == [harness.CKPT_EVERY, last_good]
+
+  # The last good checkpoint restores and is finite; up to the poisoned step the run followed
+  # the unpoisoned curve, so the checkpoint holds the state an unpoisoned run had at that step.
+  _, model, config, step = trainer.restore_model(workdir)
+  assert step == last_good and config.train.num_steps == harness.NUM_STEPS
+  leaves = jax.tree.leaves(jax.device_get(nnx.state(model)))
+  assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+  reference = harness.trained_workdir(tmp_path_factory)
+  ref_losses = harness.read_scalars(os.path.join(reference, "tb"), "train/loss")[0]
+  losses = harness.read_scalars(os.path.join(workdir, "tb"), "train/loss")[0]
+  assert sorted(losses) == list(range(1, poison_step))
+  for s in losses:
+    np.testing.assert_allclose(losses[s], ref_losses[s], rtol=1e-6, err_msg=f"step {s}")
