@@ -45,9 +45,12 @@ LN2 = math.log(2.0)
 _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees inf − inf.
 
 # fence: 1 puts an optimization barrier between the forward softmax and the P·V hand-off.
+# Defaults measured on an H200 (docs/notes/attention_gpu.md, run 3); head dims <= 64 use taller
+# query tiles (fewer CTAs, whose fill/drain is otherwise exposed when Nk is short).
 _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, fence=0,
-                       block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
+                       block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
+_DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
 
 
 def _plgpu():
@@ -767,12 +770,15 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(block_sizes):
+def _blocks(block_sizes, head_dim):
   unknown = set(block_sizes) - set(_DEFAULT_BLOCKS)
   if unknown:
     raise TypeError(f"pallas_gpu got unknown block sizes {sorted(unknown)}; "
                     f"expected some of {sorted(_DEFAULT_BLOCKS)}")
-  cfg = dict(_DEFAULT_BLOCKS, **{k: int(v) for k, v in block_sizes.items() if v is not None})
+  cfg = dict(_DEFAULT_BLOCKS)
+  if head_dim <= 64:
+    cfg.update(_DEFAULT_BLOCKS_SMALL_D)
+  cfg.update({k: int(v) for k, v in block_sizes.items() if v is not None})
   for name, val in cfg.items():
     if name.startswith("block") and (val % 64 or val <= 0):
       raise ValueError(f"pallas_gpu block size {name}={val} must be a positive multiple of 64")
@@ -790,7 +796,7 @@ def _multiples(cfg):
 def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_ids,
             interpret=False, **block_sizes):
   """Backend contract forward: (out [B, Nq, H, D] q.dtype, lse [B, H, Nq] float32, natural log)."""
-  cfg = _blocks(block_sizes)
+  cfg = _blocks(block_sizes, q.shape[-1])
   q_mult, k_mult = _multiples(cfg)
   prep = _Prep(q, k, t_q, t_k, sigma, scale, spec, q_segment_ids, kv_segment_ids,
                q_mult=q_mult, k_mult=k_mult)
@@ -811,7 +817,7 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
 def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment_ids,
              kv_segment_ids, interpret=False, **block_sizes):
   """Backend contract backward: (dq, dk, dv, dsigma [H] float32)."""
-  cfg = _blocks(block_sizes)
+  cfg = _blocks(block_sizes, q.shape[-1])
   q_mult, k_mult = _multiples(cfg)
   prep = _Prep(q, k, t_q, t_k, sigma, scale, spec, q_segment_ids, kv_segment_ids,
                q_mult=q_mult, k_mult=k_mult)
