@@ -95,14 +95,15 @@ def motion_eval(system, model, config, split: str, *, num_clips: int, rng, basel
   return rows, samples
 
 
-def write_results(rows: dict, workdir: str, split: str, step: int | None = None) -> str:
+def write_results(rows: dict, workdir: str, split: str, step: int | None = None,
+                  seed: int | None = None) -> str:
   """Writes eval/<split>.json and .md; returns the markdown table."""
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   table = synthdyad_metrics.format_table(rows)
   title = f"SynthDyad `{split}` split" + (f", step {step}" if step is not None else "")
   with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
-    json.dump({"split": split, "step": step, "rows": rows}, f, indent=1)
+    json.dump({"split": split, "step": step, "seed": seed, "rows": rows}, f, indent=1)
   with open(os.path.join(out_dir, f"{split}.md"), "w") as f:
     f.write(f"### {title}\n\n{table}\n")
   return f"### {title}\n\n{table}"
@@ -116,7 +117,7 @@ def evaluate_motion_system(system, model, config, workdir: str, *, writer=None, 
                           rng=jax.random.key(config.seed + 1), baselines=config.eval.baselines,
                           batch_size=config.eval.batch_size)
     results[split] = rows
-    table = write_results(rows, workdir, split, step)
+    table = write_results(rows, workdir, split, step, seed=config.seed)
     logging.info("\n%s", table)
     if writer is not None and step is not None:
       writer.write_scalars(step, {f"eval_{split}/{k}": v for k, v in rows["model"].items()
@@ -143,9 +144,26 @@ def table_rows(workdirs, names, splits, seeds, num_clips, table: str) -> list[di
   return rows
 
 
+def saved_rows(workdirs, names, splits) -> list[dict]:
+  """Rows from the metrics each run saved at the end of training (eval/<split>.json)."""
+  rows = []
+  for workdir, name in zip(workdirs, names):
+    for split in splits:
+      path = os.path.join(workdir, "eval", f"{split}.json")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: the run saved no `{split}` evaluation; "
+                                "evaluate without --saved")
+      with open(path) as f:
+        saved = json.load(f)
+      label = f"{name} ({split})" if len(splits) > 1 else name
+      rows.append({"name": label, "seed": saved.get("seed"), "split": split, "step": saved["step"],
+                   "workdir": workdir, **saved["rows"]["model"]})
+  return rows
+
+
 def _define_flags():
   """CLI flags, defined only when run as a program (the module is also a library)."""
-  global _WORKDIR, _NAMES, _SPLITS, _CLIPS, _TABLE, _SEEDS, _OUT
+  global _WORKDIR, _NAMES, _SPLITS, _CLIPS, _TABLE, _SEEDS, _SAVED, _OUT
   _WORKDIR = flags.DEFINE_list("workdir", None, "Training workdir(s) (checkpoints + config).")
   _NAMES = flags.DEFINE_list("names", None, "Row label per workdir (default: its basename); "
                              "workdirs with the same label are averaged (mean ± 95% CI).")
@@ -155,6 +173,8 @@ def _define_flags():
                              "Print this published table layout instead of the SynthDyad table "
                              "with baselines.")
   _SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds (several: mean ± 95% CI).")
+  _SAVED = flags.DEFINE_bool("saved", False, "With --table: use the metrics the runs saved at the "
+                             "end of training instead of re-evaluating.")
   _OUT = flags.DEFINE_string("out", None, "Where to write <out>.md/.json (default: "
                              "<first workdir>/eval/table_<table>).")
 
@@ -181,7 +201,11 @@ def main(argv):
   if len(names) != len(workdirs):
     raise app.UsageError(f"--names has {len(names)} labels for {len(workdirs)} workdirs")
   splits = _SPLITS.value or ["test"]
-  rows = table_rows(workdirs, names, splits, [int(s) for s in _SEEDS.value], _CLIPS.value, _TABLE.value)
+  if _SAVED.value:
+    rows = saved_rows(workdirs, names, splits)
+  else:
+    rows = table_rows(workdirs, names, splits, [int(s) for s in _SEEDS.value], _CLIPS.value,
+                      _TABLE.value)
   out = _OUT.value or os.path.join(workdirs[0], "eval", f"table_{_TABLE.value}")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tables.write_table(_TABLE.value, rows, out)
