@@ -1,7 +1,9 @@
 """Gaussian time-distance attention: every implementation against a float64 NumPy reference.
 
-Pallas TPU kernels run in TPU interpret mode with uninitialised memory filled with NaN, so an
-output block a kernel forgets to write shows up as NaN.
+Pallas TPU kernels run in TPU interpret mode with uninitialised memory filled with NaN: an
+output block that is never written back stays NaN, and one written back without being computed
+carries another block's values; both fail the checks below (see
+test_interpret_mode_poisons_unwritten_blocks).
 """
 from __future__ import annotations
 
@@ -435,3 +437,36 @@ def test_block_codes_are_conservative():
     assert not np.any((codes == common.SKIP) & any_vis), mask
     assert not np.any((codes == common.FULL) & ~all_vis), mask
     assert np.any(codes != common.PARTIAL) or not mask, mask
+
+
+def test_interpret_mode_poisons_unwritten_blocks():
+  """What the NaN poisoning above catches, checked on a toy kernel.
+
+  An output block the grid never writes back stays NaN. A visited block whose write is
+  skipped is written back from a stale VMEM buffer (another block's values), which the
+  numerical comparisons against the reference catch.
+  """
+  from jax.experimental import pallas as pl
+
+  def copy(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+
+  x = jnp.arange(16 * 128, dtype=jnp.float32).reshape(16, 128)
+  out = pl.pallas_call(copy, grid=(1,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+                       out_specs=pl.BlockSpec((8, 128), lambda i: (i, 0)),
+                       out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       interpret=TPU_INTERPRET)(x)
+  out = np.asarray(out)
+  assert np.array_equal(out[:8], np.asarray(x[:8])) and np.all(np.isnan(out[8:]))
+
+  def first_only(x_ref, o_ref):
+    @pl.when(pl.program_id(0) == 0)
+    def _():
+      o_ref[...] = x_ref[...]
+
+  out = pl.pallas_call(first_only, grid=(2,),
+                       in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+                       out_specs=pl.BlockSpec((8, 128), lambda i: (i, 0)),
+                       out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       interpret=TPU_INTERPRET)(x)
+  assert not np.array_equal(np.asarray(out)[8:], np.asarray(x[8:]))
