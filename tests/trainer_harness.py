@@ -31,6 +31,7 @@ OVERRIDES = {
     "optim.warmup_steps": 2,
     "train.log_every": 1,
     "train.ckpt_every": CKPT_EVERY,
+    "train.sample_every": 0,
     "train.max_checkpoints": 10,
     "train.stats_batches": 1,
     "train.progress_bar": False,
