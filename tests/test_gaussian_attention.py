@@ -443,6 +443,20 @@ def test_block_codes_are_conservative():
     assert not np.any((codes == common.SKIP) & any_vis), mask
     assert not np.any((codes == common.FULL) & ~all_vis), mask
     assert np.any(codes != common.PARTIAL) or not mask, mask
+  # Band skipping on unsorted key times: SKIP only if every pair's Gaussian term < −cutoff.
+  sigma = np.asarray([0.1, 0.4], np.float32)
+  cutoff = 4.0
+  codes = np.asarray(common.block_codes(
+      common.MaskSpec(bias_cutoff=cutoff),
+      common.block_stats(jnp.asarray(tq), jnp.zeros((b, n), jnp.int32), blk, keys=False),
+      common.block_stats(jnp.asarray(tk), jnp.zeros((b, n), jnp.int32), blk, keys=True),
+      common.inv_two_sigma_sq(sigma)))  # [B, H, nq, nk]
+  pen = ((tq[:, :, None].astype(np.float64) - tk[:, None, :]) ** 2)[:, None] * np_inv(sigma)[
+      None, :, None, None]
+  min_pen = pen.reshape(b, 2, n // blk, blk, n // blk, blk).min((3, 5))
+  skip = codes == common.SKIP
+  # Conservative (interval gaps can only under-estimate the true minimum distance) and active.
+  assert np.all(min_pen[skip] > cutoff) and skip.any()
 
 
 def test_interpret_mode_poisons_unwritten_blocks():
