@@ -27,8 +27,10 @@ All block sizes are multiples of 64 (wgmma/TMA tiling); sequence lengths are pad
 the kernels (padded keys get segment id −1, so they are masked; padded query rows are dropped).
 
 Interpret mode (``interpret=True``) runs the same kernels under Mosaic GPU's CPU interpreter
-(jax >= 0.10); the only difference is how the P·V / dS·K accumulations are written (the
-interpreter has no ``run_state``), see :func:`_mma`.
+(jax >= 0.10): same grid, warpgroups, TMA copies, barriers and loops. The interpreter has no
+``run_state``, ``plgpu.load``, ``layout_cast`` or transposed wgmma operand, so there the
+matmuls are plain dots of the loaded tiles and vectors are read without layouts
+(:func:`_mm`, :func:`_mma`, :func:`_load`, :func:`_cast`); wgmma itself runs only on a GPU.
 """
 from __future__ import annotations
 
@@ -38,7 +40,6 @@ import math
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
 from avatar_jax.kernels.gaussian_attention import common
 
@@ -146,6 +147,8 @@ class _Prep:
       raise ValueError(f"pallas_gpu needs a head dim that is a multiple of 64 (<= 256), got {self.d}")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"pallas_gpu needs bfloat16 or float16 q/k/v, got {q.dtype}")
+    if not float(scale) > 0:
+      raise ValueError(f"pallas_gpu needs a positive logit scale, got {scale!r}")
     self.spec = spec
     self.nq_p = common.round_up(self.nq, q_mult)
     self.nk_p = common.round_up(self.nk, k_mult)
@@ -242,7 +245,7 @@ def _cast(interpret, x, layout):
   return plgpu.layout_cast(x, layout)
 
 
-def _apply_mask(s, rows_q, rows_k, spec, bq, bk):
+def _apply_mask(s, rows_q, rows_k, spec):
   """Sets invisible logits to −inf. rows_*: dict name → broadcast [bq, bk] f32 arrays (lazy)."""
   neg = jnp.float32(-jnp.inf)
   names = _mask_rows(spec)
@@ -329,7 +332,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         if masked:
           rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
           rk = {nm: functools.partial(bc_k, krow[i + 1]) for i, nm in enumerate(names[1:])}
-          s = _apply_mask(s, rq, rk, spec, block_q, block_kv)
+          s = _apply_mask(s, rq, rk, spec)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2((m - m_new) * scale_log2)
         p = jnp.exp2(s * scale_log2 - bc_q(m_new * scale_log2))
@@ -503,7 +506,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
         if masked:
           rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
           rk = {nm: functools.partial(bc_k, krow[i + 1]) for i, nm in enumerate(names[1:])}
-          s = _apply_mask(s, rq, rk, spec, block_q, block_kv)
+          s = _apply_mask(s, rq, rk, spec)
         p = jnp.exp2(s * scale_log2 - bc_q(lse))
         pbar = pbar + (p * pen).sum(axis=1)
         plgpu.barrier_wait(v_bar.at[slot])
@@ -669,7 +672,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         if masked:
           rq = {nm: functools.partial(bc_q, qrow[i + 1]) for i, nm in enumerate(names[1:])}
           rk = {nm: functools.partial(bc_k, krow[nm]) for nm in names[1:]}
-          st = _apply_mask(st, rq, rk, spec, block_q, block_kv)
+          st = _apply_mask(st, rq, rk, spec)
         pt = jnp.exp2(st * scale_log2 - bc_q(lse))
         plgpu.barrier_wait(do_bar.at[slot])
         dv_acc = _mma(dv_acc, pt.astype(dtype), do_smem.at[slot], interpret)
