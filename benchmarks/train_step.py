@@ -31,14 +31,6 @@ from avatar_jax import sharding, trainer
 from avatar_jax.data import pipeline
 from avatar_jax.models import registry
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:args]).",
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (default: the table "
-                           "below for known accelerators, else a measured float32 matmul).")
-flags.mark_flags_as_required(["config"])
-
 # Dense bf16 peak TFLOP/s per device, by jax `device_kind` prefix (vendor data sheets).
 PEAK_TFLOPS = {
     "NVIDIA H200": 989.0,
@@ -146,6 +138,18 @@ def format_table(r: dict) -> str:
   return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
+def _define_flags():
+  """CLI flags, defined only when run as a program (the module is also a library)."""
+  global _CONFIG, _STEPS, _WARMUP, _PEAK
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:args]).",
+                                            lock_config=True)
+  _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+  _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (default: the table "
+                             "of known accelerators, else a measured float32 matmul).")
+  flags.mark_flags_as_required(["config"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -157,4 +161,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
