@@ -11,7 +11,6 @@ import re
 import av
 import nbclient
 import nbformat
-import pytest
 
 import trainer_harness as harness
 
