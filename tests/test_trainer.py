@@ -19,10 +19,12 @@ from avatar_jax import checkpointing, sharding, trainer
 from avatar_jax.data import pipeline
 from avatar_jax.models import registry
 
-# Meshes the sharded step must agree on: pure data parallel, and data x fsdp x tensor.
+# Meshes the sharded step must agree on: pure data parallel, data x fsdp x tensor, and a
+# context axis (parameters replicated over it, activations free to split their time axis).
 MESHES = {
     "data8": {"data": 8},
     "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+    "fsdp4_context2": {"fsdp": 4, "context": 2},
 }
 # Zero-initialised output layers (DiT style) let gradients reach the layers behind them one step
 # later: step 1 moves `out`, step 2 the attention outputs and gates, step 3 everything else.
@@ -90,7 +92,7 @@ def test_sharded_step_matches_one_device(setup, name):
   # The steps really moved the parameters (otherwise the equality below would be vacuous),
   # including parameters sharded over every split axis of this mesh. (Leaves behind chains of
   # zero-initialised layers, e.g. AdaLN gates, need more steps before any gradient reaches them.)
-  split = {a for a, n in MESHES[name].items() if n > 1 and a != "data"}
+  split = {a for a, n in MESHES[name].items() if n > 1 and a not in ("data", "context")}
   moved, moved_axes = 0, set()
   flat_new = jax.tree_util.tree_flatten_with_path(state["params"])[0]
   for (_, new), old, shd in zip(flat_new, jax.tree.leaves(init["params"]),
