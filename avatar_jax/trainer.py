@@ -171,9 +171,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for s, m in pending:
       if float(m["nonfinite"]) > 0:
         ckpt.wait()
+        kept = (f"the last good checkpoint (step {last_good}) in {ckpt.directory} is intact"
+                if last_good is not None else "no checkpoint had been written yet")
         raise NonFiniteLossError(
             f"loss/gradients became NaN or Inf at step {s} (loss={float(m['loss'])}); training "
-            f"stopped. The last good checkpoint (step {last_good}) in {ckpt.directory} is intact.")
+            f"stopped; {kept}. Lower optim.lr or check the data of that step.")
 
   t_start = time.monotonic()
   for step in range(first_step + 1, num_steps + 1):
@@ -189,7 +191,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending = []
     if step % config.train.ckpt_every == 0 or step == num_steps:
       check_finite()
-      pending = pending[-1:] if pending else []
       ckpt.save(step, state, train_iter, config)
       last_good = step
     if config.train.sample_every and (step % config.train.sample_every == 0 or step == num_steps):
