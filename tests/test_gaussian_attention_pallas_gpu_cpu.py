@@ -29,7 +29,7 @@ def test_position_vectors_reproduce_gaussian_term():
                           q_mult=64, k_mult=64)
   gq = np.asarray(prep.qvec[:, :, 0, :n], np.float64)
   gk = np.asarray(prep.kvec[:, :, 0, :n + 5], np.float64)
-  got = (gq[..., :, None] - gk[..., None, :]) ** 2 * 0.125  # raw units × scale
+  got = (gq[..., :, None] - gk[..., None, :]) ** 2 / np.log2(np.e)  # log2 units → natural
   dt = tq.astype(np.float64)[:, :, None] - tk.astype(np.float64)[:, None, :]
   inv = np.where(np.isinf(sigma), 0.0, 0.5 / sigma.astype(np.float64) ** 2)
   want = dt[:, None] ** 2 * inv[None, :, None, None]

@@ -9,11 +9,10 @@ Design (see docs/notes/attention_gpu.md for measurements):
   into a ``num_stages``-deep shared-memory ring. Q·Kᵀ and P·V run on wgmma with fp32
   accumulators; the two compute warpgroups alternate tensor-core and softmax phases through a
   shared "schedule" barrier so one's exponentials overlap the other's matmuls.
-* The Gaussian term is folded into per-position vectors: with c = scale·log2(e) and
-  g_h = sqrt(1 / (2σ_h²·scale)), the log2-domain logit is
-  ``c·(q·k − (g_h·t_q − g_h·t_k)²)``, so the kernel needs one float per query row and one per
-  key column and never sees σ. Keeping the factor c outside the difference lets the bias be
-  one fused multiply-add per logit (``q·k − d·d``) and c ride in the exponent's multiply-add.
+* The Gaussian term is folded into per-position vectors: with g_h = sqrt(log2(e) / (2σ_h²)),
+  ``(t_q − t_k)²·log2(e)/(2σ_h²) = (g_h·t_q − g_h·t_k)²``, so the kernel needs one float per
+  query row and one per key column and never sees σ; logits live in the log2 domain
+  (``q·k·scale·log2(e) − d²``).
 * Skipping: block codes from :func:`common.block_codes` (per CTA query tile × key block) are
   turned into a per-tile list of key blocks, partially visible blocks first, then fully visible
   ones; skipped blocks are absent. The kernel runs a masked loop over the first part and an
@@ -155,8 +154,8 @@ class _Prep:
     tq, tk, qs, ks = common.pad_inputs(t_q, t_k, q_seg, kv_seg, self.nq_p, self.nk_p)
     self.tq, self.tk, self.qs, self.ks = tq, tk, qs, ks
     self.inv = common.inv_two_sigma_sq(sigma)  # [H]
-    # Gaussian coordinate in units where the kernel's raw logit is q·k − (g·t_q − g·t_k)².
-    g = jnp.sqrt(self.inv / float(scale))
+    # Gaussian coordinate: (g·t_q − g·t_k)² is the Gaussian term in log2 units.
+    g = jnp.sqrt(self.inv * LOG2E)
     # A common reference time for both sides keeps g·t small without changing differences.
     t0 = jnp.minimum(tq[:, :1], tk[:, :1])
     self.qvec = position_vectors(tq, qs, g, spec, keys=False)
@@ -328,14 +327,14 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           krow = [_load(kv_smem.at[slot, 0], col_l, interpret)]
         plgpu.barrier_arrive(k_free.at[slot])
         dg = bc_q(qrow["g"]) - bc_k(krow[0])
-        s = s - dg * dg  # raw units; × scale_log2 gives the log2-domain logit
+        s = s * scale_log2 - dg * dg
         if masked:
           rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
           rk = {nm: functools.partial(bc_k, krow[i + 1]) for i, nm in enumerate(names[1:])}
           s = _apply_mask(s, rq, rk, spec)
         m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2((m - m_new) * scale_log2)
-        p = jnp.exp2(s * scale_log2 - bc_q(m_new * scale_log2))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - bc_q(m_new))
         acc = acc * lax.broadcast_in_dim(alpha, (block_q, d), [0])
         l = l * alpha + p.sum(axis=1)
         p16 = p.astype(dtype)
@@ -360,7 +359,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
       # l >= 1 whenever a key was visible; rows with none keep acc = 0 and l = 0.
       inv_l = 1.0 / jnp.maximum(l, 1e-30)
       q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, (block_q, d), [0])).astype(dtype)
-      lse_smem2.at[wg][...] = m * scale_log2 + jnp.log(l) * (1.0 / LN2)
+      lse_smem2.at[wg][...] = m + jnp.log(l) * (1.0 / LN2)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(q0, block_q), hi])
       plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[bi, hi, pl.ds(q0, block_q)])
@@ -443,7 +442,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
 def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
              block_kv, num_stages, head_codes, interpret):
-  """dQ (unscaled: Σ_j dS_ij k_j) and pen̄_i = Σ_j P_ij·pen_ij (raw units) per query row.
+  """dQ (unscaled: Σ_j dS_ij k_j) and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
 
   qvec rows: [lse2, delta, g, masks...]. pen̄ lets the dK/dV kernel form dσ without the
   cancellation of Σ_j dS_ij = 0 (see :func:`_dkv_call`).
@@ -501,13 +500,13 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
         n_load = nr if masked else 1
         krow = [_load(kv_smem.at[slot, i], col_l, interpret) for i in range(n_load)]
         dg = bc_q(qrow["g"]) - bc_k(krow[0])
-        pen = dg * dg  # raw units (pen·scale_log2 is the log2-domain Gaussian term)
-        s = s - pen
+        pen = dg * dg  # Gaussian term, log2 units
+        s = s * scale_log2 - pen
         if masked:
           rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
           rk = {nm: functools.partial(bc_k, krow[i + 1]) for i, nm in enumerate(names[1:])}
           s = _apply_mask(s, rq, rk, spec)
-        p = jnp.exp2(s * scale_log2 - bc_q(lse))
+        p = jnp.exp2(s - bc_q(lse))
         pbar = pbar + (p * pen).sum(axis=1)
         plgpu.barrier_wait(v_bar.at[slot])
         dp = _mm(shape, do_smem, v_smem.at[slot], interpret=interpret)
@@ -602,7 +601,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
 
 def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
               block_kv, num_stages, head_codes, interpret):
-  """dK, dV per query head (dK unscaled) and dσ partials per key (raw units, see forward).
+  """dK, dV per query head (dK unscaled) and dσ partials per key (log2 units).
 
   The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
   (Σ_j P_ij (pen_ij − pen̄_i) = 0 removes delta) but does not inherit the error of delta
@@ -668,12 +667,12 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         qrow = [_load(qv_smem.at[slot, i + 3], col_l, interpret) for i in range(n_load)]
         dg = bc_q(qrow[0]) - bc_k(krow["g"])
         pen = dg * dg
-        st = st - pen
+        st = st * scale_log2 - pen
         if masked:
           rq = {nm: functools.partial(bc_q, qrow[i + 1]) for i, nm in enumerate(names[1:])}
           rk = {nm: functools.partial(bc_k, krow[nm]) for nm in names[1:]}
           st = _apply_mask(st, rq, rk, spec)
-        pt = jnp.exp2(st * scale_log2 - bc_q(lse))
+        pt = jnp.exp2(st - bc_q(lse))
         plgpu.barrier_wait(do_bar.at[slot])
         dv_acc = _mma(dv_acc, pt.astype(dtype), do_smem.at[slot], interpret)
         dpt = _mm(shape, v_smem, do_smem.at[slot], interpret=interpret)
@@ -859,7 +858,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   if rep > 1:
     dk = dk.reshape(b, nk, prep.hkv, rep, prep.d).sum(axis=3)
     dv = dv.reshape(b, nk, prep.hkv, rep, prep.d).sum(axis=3)
-  # The kernel's pen is in raw units: (t_q − t_k)²/(2σ²) = pen·scale.
-  dsig_partial = jnp.sum(part[:, :, :nk], axis=(0, 2)) * scale
+  # The kernel's pen is in log2 units: pen_log2 = pen·log2(e).
+  dsig_partial = jnp.sum(part[:, :, :nk], axis=(0, 2)) * (1.0 / LOG2E)
   dsigma = common.dsigma_from_partial(dsig_partial, sigma)
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), dsigma.astype(jnp.float32)
