@@ -53,6 +53,8 @@ _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, fence=0,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
+# The CPU interpreter's cost grows with padded work, not with launch count: smallest tiles.
+_DEFAULT_BLOCKS_INTERPRET = dict(block_q=64, block_kv=64, block_kv_dq=64)
 
 
 def _plgpu():
@@ -775,7 +777,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(block_sizes, head_dim):
+def _blocks(block_sizes, head_dim, interpret=False):
   unknown = set(block_sizes) - set(_DEFAULT_BLOCKS)
   if unknown:
     raise TypeError(f"pallas_gpu got unknown block sizes {sorted(unknown)}; "
@@ -783,6 +785,8 @@ def _blocks(block_sizes, head_dim):
   cfg = dict(_DEFAULT_BLOCKS)
   if head_dim <= 64:
     cfg.update(_DEFAULT_BLOCKS_SMALL_D)
+  if interpret:
+    cfg.update(_DEFAULT_BLOCKS_INTERPRET)
   cfg.update({k: int(v) for k, v in block_sizes.items() if v is not None})
   for name, val in cfg.items():
     if name.startswith("block") and (val % 64 or val <= 0):
@@ -801,7 +805,7 @@ def _multiples(cfg):
 def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_ids,
             interpret=False, **block_sizes):
   """Backend contract forward: (out [B, Nq, H, D] q.dtype, lse [B, H, Nq] float32, natural log)."""
-  cfg = _blocks(block_sizes, q.shape[-1])
+  cfg = _blocks(block_sizes, q.shape[-1], interpret)
   q_mult, k_mult = _multiples(cfg)
   prep = _Prep(q, k, t_q, t_k, sigma, scale, spec, q_segment_ids, kv_segment_ids,
                q_mult=q_mult, k_mult=k_mult)
@@ -822,7 +826,7 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
 def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment_ids,
              kv_segment_ids, interpret=False, **block_sizes):
   """Backend contract backward: (dq, dk, dv, dsigma [H] float32)."""
-  cfg = _blocks(block_sizes, q.shape[-1])
+  cfg = _blocks(block_sizes, q.shape[-1], interpret)
   q_mult, k_mult = _multiples(cfg)
   prep = _Prep(q, k, t_q, t_k, sigma, scale, spec, q_segment_ids, kv_segment_ids,
                q_mult=q_mult, k_mult=k_mult)
