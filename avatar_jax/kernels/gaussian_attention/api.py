@@ -72,6 +72,12 @@ def _gpu_kernel_fits(d: int | None, dtype) -> bool:
   return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and d % 64 == 0 and d <= 256
 
 
+def _is_hopper() -> bool:
+  """The fused GPU kernel uses Hopper-only instructions (wgmma, TMA): sm_90 only."""
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  return cc is not None and str(cc).split(".")[0] == "9"
+
+
 def resolve_implementation(implementation: str, b: int, h: int, nq: int, nk: int,
                            d: int | None = None, dtype=None) -> str:
   """'auto' → a concrete implementation name, by default backend, problem size and dtype.
@@ -85,7 +91,7 @@ def resolve_implementation(implementation: str, b: int, h: int, nq: int, nk: int
   platform = jax.default_backend()
   if platform == "tpu":
     return "pallas_tpu"
-  if platform == "gpu" and _gpu_kernel_fits(d, dtype) and _gpu_module_available():
+  if platform == "gpu" and _is_hopper() and _gpu_kernel_fits(d, dtype) and _gpu_module_available():
     return "pallas_gpu"
   if b * h * nq * nk > _AUTO_MATERIALISE_LIMIT:
     return "xla_chunked"
