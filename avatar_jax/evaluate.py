@@ -144,8 +144,12 @@ def table_rows(workdirs, names, splits, seeds, num_clips, table: str) -> list[di
   return rows
 
 
-def saved_rows(workdirs, names, splits) -> list[dict]:
-  """Rows from the metrics each run saved at the end of training (eval/<split>.json)."""
+def saved_rows(workdirs, names, splits, *, references: bool = False) -> list[dict]:
+  """Rows from the metrics each run saved at the end of training (eval/<split>.json).
+
+  references: also the reference rows saved with each run (shuffled audio, mean motion, ground
+  truth), labelled by kind, so that several seeds give them mean ± CI too.
+  """
   rows = []
   for workdir, name in zip(workdirs, names):
     for split in splits:
@@ -158,12 +162,17 @@ def saved_rows(workdirs, names, splits) -> list[dict]:
       label = f"{name} ({split})" if len(splits) > 1 else name
       rows.append({"name": label, "seed": saved.get("seed"), "split": split, "step": saved["step"],
                    "workdir": workdir, **saved["rows"]["model"]})
+      if references:
+        for ref, metrics in saved["rows"].items():
+          if ref != "model":
+            rows.append({"name": ref if len(splits) == 1 else f"{ref} ({split})",
+                         "seed": saved.get("seed"), "split": split, "workdir": workdir, **metrics})
   return rows
 
 
 def _define_flags():
   """CLI flags, defined only when run as a program (the module is also a library)."""
-  global _WORKDIR, _NAMES, _SPLITS, _CLIPS, _TABLE, _SEEDS, _SAVED, _OUT
+  global _WORKDIR, _NAMES, _SPLITS, _CLIPS, _TABLE, _SEEDS, _SAVED, _REFS, _OUT
   _WORKDIR = flags.DEFINE_list("workdir", None, "Training workdir(s) (checkpoints + config).")
   _NAMES = flags.DEFINE_list("names", None, "Row label per workdir (default: its basename); "
                              "workdirs with the same label are averaged (mean ± 95% CI).")
@@ -175,6 +184,8 @@ def _define_flags():
   _SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds (several: mean ± 95% CI).")
   _SAVED = flags.DEFINE_bool("saved", False, "With --table: use the metrics the runs saved at the "
                              "end of training instead of re-evaluating.")
+  _REFS = flags.DEFINE_bool("references", False, "With --saved: add the saved reference rows "
+                            "(shuffled audio, mean motion, ground truth).")
   _OUT = flags.DEFINE_string("out", None, "Where to write <out>.md/.json (default: "
                              "<first workdir>/eval/table_<table>).")
 
@@ -202,7 +213,7 @@ def main(argv):
     raise app.UsageError(f"--names has {len(names)} labels for {len(workdirs)} workdirs")
   splits = _SPLITS.value or ["test"]
   if _SAVED.value:
-    rows = saved_rows(workdirs, names, splits)
+    rows = saved_rows(workdirs, names, splits, references=_REFS.value)
   else:
     rows = table_rows(workdirs, names, splits, [int(s) for s in _SEEDS.value], _CLIPS.value,
                       _TABLE.value)
