@@ -7,8 +7,10 @@ of a given program pays for compilation.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -78,26 +80,40 @@ def run(cmd: list[str], cache_dir: str, timeout: float = 300) -> subprocess.Comp
                         text=True, timeout=timeout)
 
 
+def _session_root(tmp_path_factory):
+  """A folder shared by the whole test session, also across pytest-xdist workers."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def cache_dir(tmp_path_factory) -> str:
-  """One compilation cache per test session (per xdist worker)."""
-  path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+  """One compilation cache per test session (shared by xdist workers)."""
+  path = _session_root(tmp_path_factory) / "jax_compilation_cache"
   path.mkdir(exist_ok=True)
   return str(path)
 
 
-_TRAINED: dict[str, str] = {}
-
-
 def trained_workdir(tmp_path_factory) -> str:
-  """A workdir trained for NUM_STEPS steps with the tiny config, trained once per session."""
-  base = str(tmp_path_factory.getbasetemp())
-  if base not in _TRAINED:
-    workdir = str(tmp_path_factory.mktemp("trained"))
-    out = run(train_command(workdir), cache_dir(tmp_path_factory))
-    if out.returncode != 0:
-      raise AssertionError(f"training the tiny config failed:\n{out.stderr[-4000:]}")
-    _TRAINED[base] = workdir
-  return _TRAINED[base]
+  """A workdir trained for NUM_STEPS steps with the tiny config, trained once per session.
+
+  Tests only read it (evaluate/sample write next to the checkpoints, never into them). Under
+  xdist the first worker to get the lock trains; the others wait and reuse it.
+  """
+  root = _session_root(tmp_path_factory)
+  workdir, done = root / "trained", root / "trained.done"
+  with open(root / "trained.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        if workdir.exists():
+          shutil.rmtree(workdir)   # a previous attempt that failed half-way
+        out = run(train_command(str(workdir)), cache_dir(tmp_path_factory))
+        if out.returncode != 0:
+          raise AssertionError(f"training the tiny config failed:\n{out.stderr[-4000:]}")
+        done.touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return str(workdir)
 
 
 # --------------------------------------------------------------------------- TensorBoard events
