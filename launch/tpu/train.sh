@@ -19,7 +19,8 @@
 #
 # Environment:
 #   PROJECT    gcloud project (default: gcloud's configured project)
-#   REMOTE_DIR where the code goes on each worker (default: ~/avatar_jax)
+#   REMOTE_DIR where the code goes on each worker, absolute or relative to the home directory
+#              (default: avatar_jax)
 #   SETUP=0    skip copying and installing (code already on the workers)
 #   LOG        log file on each worker (default: REMOTE_DIR/train.log); the command runs under
 #              nohup, so closing this terminal does not stop training
@@ -36,7 +37,10 @@ fi
 TPU_NAME=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4
 shift 4
 
-REMOTE_DIR=${REMOTE_DIR:-'~/avatar_jax'}
+REMOTE_DIR=${REMOTE_DIR:-avatar_jax}
+if [[ "${REMOTE_DIR}" != /* ]]; then
+  REMOTE_DIR="./${REMOTE_DIR}"   # remote commands start in the home directory
+fi
 LOG=${LOG:-"${REMOTE_DIR}/train.log"}
 GCLOUD=(gcloud compute tpus tpu-vm)
 TARGET=(--zone="${ZONE}")
@@ -55,13 +59,14 @@ if [[ "${SETUP:-1}" != 0 ]]; then
   trap 'rm -f "${archive}"' EXIT
   git -C "${REPO_ROOT}" archive --format=tar.gz -o "${archive}" HEAD
   "${GCLOUD[@]}" scp "${archive}" "${TPU_NAME}:avatar_jax.tar.gz" "${TARGET[@]}" --worker=all
-  on_all_workers "set -e; rm -rf ${REMOTE_DIR}; mkdir -p ${REMOTE_DIR}; \
-    tar -xzf avatar_jax.tar.gz -C ${REMOTE_DIR}; \
+  on_all_workers "set -e; rm -rf '${REMOTE_DIR}'; mkdir -p '${REMOTE_DIR}'; \
+    tar -xzf avatar_jax.tar.gz -C '${REMOTE_DIR}'; \
     python3 -m pip install -q -U pip; python3 -m pip install -q -e '${REMOTE_DIR}[tpu]'"
 fi
 
 # Quote the training arguments once for the remote shell.
 args=$(printf ' %q' "--config=${CONFIG}" "--workdir=${WORKDIR}" "$@")
-on_all_workers "cd ${REMOTE_DIR} && nohup python3 -m avatar_jax.train${args} > ${LOG} 2>&1 &"
+# The redirect is evaluated in the home directory, where relative REMOTE_DIR and LOG start.
+on_all_workers "(cd '${REMOTE_DIR}' && exec nohup python3 -m avatar_jax.train${args}) > '${LOG}' 2>&1 &"
 echo "Started on all workers of ${TPU_NAME}; follow worker 0 with:"
 echo "  ${GCLOUD[*]} ssh ${TPU_NAME} ${TARGET[*]} --worker=0 --command='tail -f ${LOG}'"
