@@ -46,7 +46,12 @@ def test_config_file_conventions(path):
   restored = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
   normal = lambda c: json.loads(json.dumps(c.to_dict(), default=str))
   assert normal(restored) == normal(config)
-  sharding.make_mesh(dict(config.mesh))  # the default mesh fits any device count
+  # Mesh axes are the known ones; a mesh that fills with -1 fits these 8 devices too (a config
+  # for a fixed pod size need not).
+  mesh = dict(config.mesh)
+  assert set(mesh) <= set(sharding.MESH_AXES) and all(isinstance(v, int) for v in mesh.values())
+  if -1 in mesh.values():
+    sharding.make_mesh(mesh)
 
 
 # ------------------------------------------------------------------------- quickstart arguments
