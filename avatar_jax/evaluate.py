@@ -80,7 +80,7 @@ def motion_eval(system, model, config, split: str, *, num_clips: int, rng, basel
       raise ValueError(f"the shuffled-audio baseline needs >= 2 clips, eval.num_clips={num_clips}")
     preds["shuffled audio"] = generate_motion(system, model, mel_batch(samples, config, shuffle=True),
                                               rng, batch_size)
-    mean = np.asarray(model.mean.value)
+    mean = np.asarray(model.mean[...])
     preds["mean motion"] = np.broadcast_to(mean, preds["model"].shape)
     preds["ground truth"] = np.stack([s["motion_self"] for s in samples])
   for name, pred in preds.items():

@@ -54,7 +54,7 @@ class TimeAttention(nnx.Module):
     """Per-head width in seconds: [H]."""
     if self.mode != "gaussian":
       return jnp.full((self.num_heads,), jnp.inf, jnp.float32)
-    return jnp.exp(self.log_sigma.value)
+    return jnp.exp(self.log_sigma[...])
 
   def __call__(self, x, t_q, ctx, t_k, *, kv_segment_ids=None, causal=False):
     b, nq, _ = x.shape

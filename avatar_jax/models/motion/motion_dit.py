@@ -92,8 +92,8 @@ class MotionDiT(nnx.Module):
     """Audio tokens [B, Ta, D] per stream; a dropped stream becomes its null token."""
     a_s = self.enc_self(mel_self)
     a_p = self.enc_partner(mel_partner)
-    a_s = jnp.where(drop_self[:, None, None], self.null_self.value.astype(a_s.dtype), a_s)
-    a_p = jnp.where(drop_partner[:, None, None], self.null_partner.value.astype(a_p.dtype), a_p)
+    a_s = jnp.where(drop_self[:, None, None], self.null_self[...].astype(a_s.dtype), a_s)
+    a_p = jnp.where(drop_partner[:, None, None], self.null_partner[...].astype(a_p.dtype), a_p)
     return a_s, a_p
 
   def __call__(self, x_t, t, audio, motion_partner=None):
@@ -113,10 +113,10 @@ class MotionDiT(nnx.Module):
     return self.out(x)
 
   def normalize(self, motion):
-    return (motion - self.mean.value) / self.std.value
+    return (motion - self.mean[...]) / self.std[...]
 
   def denormalize(self, x):
-    return x * self.std.value + self.mean.value
+    return x * self.std[...] + self.mean[...]
 
 
 def default_config() -> ml_collections.ConfigDict:
