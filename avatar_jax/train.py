@@ -6,6 +6,7 @@ resumes from the last checkpoint in `--workdir`.
 from __future__ import annotations
 
 import logging as logging_lib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,8 +41,18 @@ def main(argv):
     print(synthdyad_metrics.format_table(rows))
 
 
+def parse_flags(argv):
+  """absl flag parsing that names the override when a `--config.x.y=v` key does not exist."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    sys.exit(f"error: unknown config key {e} in one of {overrides}. Configs are locked: every "
+             "key must exist in the config file (run with --helpfull to list the overrides).")
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

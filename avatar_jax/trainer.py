@@ -124,8 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` on `config.data` in `workdir`, resuming from its last checkpoint."""
   # ------------------------------------------------------------------ setup
   workdir = os.path.abspath(workdir)
+  mesh = sharding.make_mesh(dict(config.mesh))  # Validated before anything is written.
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(dict(config.mesh))
   logging.info("Mesh %s on %d devices (%s).", dict(mesh.shape), mesh.size, jax.default_backend())
   writer = writers.create(os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0,
                           video_fps=config.data.synthdyad.fps)
