@@ -127,8 +127,12 @@ def evaluate_motion_system(system, model, config, workdir: str, *, writer=None, 
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def table_rows(workdirs, names, splits, seeds, num_clips, table: str) -> list[dict]:
-  """One result row per (run, split, sampling seed): the model's metrics, labelled for `tables`."""
+def table_rows(workdirs, names, splits, seeds, num_clips, table: str, *,
+               references: bool = False) -> list[dict]:
+  """One result row per (run, split, sampling seed): the model's metrics, labelled for `tables`.
+
+  references: also rows for the references (shuffled audio, mean motion, ground truth).
+  """
   from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
   rows = []
   for workdir, name in zip(workdirs, names):
@@ -136,11 +140,13 @@ def table_rows(workdirs, names, splits, seeds, num_clips, table: str) -> list[di
     for split in splits:
       for seed in seeds:
         res, _ = motion_eval(system, model, config, split, num_clips=num_clips or config.eval.num_clips,
-                             rng=jax.random.key(seed), baselines=False,
+                             rng=jax.random.key(seed), baselines=references,
                              batch_size=config.eval.batch_size, with_flame56=table != "synthdyad")
-        label = f"{name} ({split})" if len(splits) > 1 else name
-        rows.append({"name": label, "seed": seed, "split": split, "step": step, "workdir": workdir,
-                     **res["model"]})
+        for kind, metrics in res.items():
+          label = name if kind == "model" else kind
+          label = f"{label} ({split})" if len(splits) > 1 else label
+          rows.append({"name": label, "seed": seed, "split": split, "step": step,
+                       "workdir": workdir, **metrics})
   return rows
 
 
@@ -184,7 +190,7 @@ def _define_flags():
   _SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds (several: mean ± 95% CI).")
   _SAVED = flags.DEFINE_bool("saved", False, "With --table: use the metrics the runs saved at the "
                              "end of training instead of re-evaluating.")
-  _REFS = flags.DEFINE_bool("references", False, "With --saved: add the saved reference rows "
+  _REFS = flags.DEFINE_bool("references", False, "With --table: add the reference rows "
                             "(shuffled audio, mean motion, ground truth).")
   _OUT = flags.DEFINE_string("out", None, "Where to write <out>.md/.json (default: "
                              "<first workdir>/eval/table_<table>).")
@@ -216,7 +222,7 @@ def main(argv):
     rows = saved_rows(workdirs, names, splits, references=_REFS.value)
   else:
     rows = table_rows(workdirs, names, splits, [int(s) for s in _SEEDS.value], _CLIPS.value,
-                      _TABLE.value)
+                      _TABLE.value, references=_REFS.value)
   out = _OUT.value or os.path.join(workdirs[0], "eval", f"table_{_TABLE.value}")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tables.write_table(_TABLE.value, rows, out)
