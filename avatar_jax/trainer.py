@@ -26,7 +26,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ============================================================================= optimiser
-def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on 1-D params."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -51,6 +52,12 @@ def state_shardings(abstract_state, mesh):
   return sharding.tree_shardings(specs, mesh)
 
 
+def new_state(params, rest, tx):
+  """The train state pytree: {step, params, rest (non-trained variables), opt, ema}."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt": tx.init(params),
+          "ema": jax.tree.map(jnp.copy, params)}
+
+
 def create_state(system, config, mesh, stats, tx):
   """Initial train state, created directly sharded (never materialised on one device)."""
   graphdef, params, rest = build_abstract(system, config, stats)
@@ -58,8 +65,7 @@ def create_state(system, config, mesh, stats, tx):
   def init():
     model = system.build(rngs=nnx.Rngs(config.seed), stats=stats)
     _, p, r = nnx.split(model, nnx.Param, ...)
-    return {"step": jnp.zeros((), jnp.int32), "params": p, "rest": r, "opt": tx.init(p),
-            "ema": jax.tree.map(jnp.copy, p)}
+    return new_state(p, r, tx)
 
   abstract = jax.eval_shape(init)
   shardings = {
@@ -240,12 +246,7 @@ def restore_model(workdir: str, *, ema: bool = True, mesh_shape=None):
   system = registry.get(config.model.name)(config.model)
   tx, _ = make_optimizer(config.optim, int(config.train.num_steps))
   graphdef, params, rest = build_abstract(system, config, None)
-
-  def init():
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt": tx.init(params),
-            "ema": params}
-
-  abstract = jax.eval_shape(init)
+  abstract = jax.eval_shape(lambda p, r: new_state(p, r, tx), params, rest)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
   state = ckpt.restore(checkpointing.abstract_like(abstract, shardings), step=step)
   ckpt.close()
