@@ -46,16 +46,6 @@ OPTIONAL_KEYS = (
     "audio_background",
     "audio_mix",
 )
-_FRAME_KEYS = (  # [T, ...] per video frame; windowed with the clip.
-    "motion_self",
-    "motion_partner",
-    "flame56_self",
-    "flame56_partner",
-    "speaking_self",
-    "speaking_partner",
-    "video",
-    "partner_video",
-)
 _AUDIO_KEYS = ("audio_self", "audio_partner", "audio_background", "audio_mix")
 _REQUIRED_KEYS = ("flame56_self", "flame56_partner")
 _VIDEO_KEYS = ("video", "partner_video")
@@ -67,6 +57,7 @@ _ALWAYS_KEYS = (  # whenever the source has them
     "speaking_self",
     "speaking_partner",
 )
+_FRAME_KEYS = _ALWAYS_KEYS + _VIDEO_KEYS  # [T, ...] per video frame; windowed with the clip.
 
 
 def default_config() -> ml_collections.ConfigDict:
