@@ -219,24 +219,15 @@ def _attention_vjp(static, q, k, v, t_q, t_k, sigma, q_seg, kv_seg):
 
 
 def _attention_fwd(static, q, k, v, t_q, t_k, sigma, q_seg, kv_seg):
-  backend = _backend_module(static.impl)
-  kwargs = _kwargs(static, q_seg, kv_seg)
-  # A backend with extra forward residuals (pallas_gpu: Σ_j P·pen per row, which lets its
-  # backward run as one kernel) declares it; the primal-only forward never computes them.
-  if getattr(backend, "HAS_AUX_RESIDUALS", False):
-    out, lse, aux = backend.forward(q, k, v, t_q, t_k, sigma, return_aux=True, **kwargs)
-  else:
-    (out, lse), aux = backend.forward(q, k, v, t_q, t_k, sigma, **kwargs), None
-  return out, (q, k, v, t_q, t_k, sigma, q_seg, kv_seg, out, lse, aux)
+  out, lse = _backend_module(static.impl).forward(q, k, v, t_q, t_k, sigma,
+                                                  **_kwargs(static, q_seg, kv_seg))
+  return out, (q, k, v, t_q, t_k, sigma, q_seg, kv_seg, out, lse)
 
 
 def _attention_bwd(static, res, dout):
-  q, k, v, t_q, t_k, sigma, q_seg, kv_seg, out, lse, aux = res
-  kwargs = _kwargs(static, q_seg, kv_seg)
-  if aux is not None:
-    kwargs["aux"] = aux
+  q, k, v, t_q, t_k, sigma, q_seg, kv_seg, out, lse = res
   dq, dk, dv, dsigma = _backend_module(static.impl).backward(
-      q, k, v, t_q, t_k, sigma, out, lse, dout, **kwargs)
+      q, k, v, t_q, t_k, sigma, out, lse, dout, **_kwargs(static, q_seg, kv_seg))
 
   def zero(x):
     if jnp.issubdtype(x.dtype, jnp.floating):

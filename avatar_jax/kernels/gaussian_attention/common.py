@@ -33,10 +33,6 @@ Every backend module (``reference`` chunked path, ``pallas_tpu``, ``pallas_gpu``
         the size of the logit range: for narrow heads pen and lse are both in the hundreds
         and a plain Σ dS·pen loses everything to cancellation.
 
-A backend may also keep extra residuals of its own: with ``HAS_AUX_RESIDUALS = True`` the
-custom VJP calls ``forward(..., return_aux=True) -> (out, lse, aux)`` and passes
-``backward(..., aux=aux)`` (pallas_gpu: the per-row Σ_j P·pen its one-kernel backward needs).
-
 Arguments, identical for all backends:
   * ``t_q`` [B, Nq], ``t_k`` [B, Nk]: times in seconds (any float dtype; used in float32).
   * ``sigma`` [H]: per-head width (any float dtype); ``inf`` disables the bias of that head.

@@ -8,7 +8,8 @@ Design (see docs/notes/attention_gpu.md for measurements):
   covers ``2·block_q`` rows); warpgroup 2 only issues TMA copies of K, V and the per-key vectors
   into a ``num_stages``-deep shared-memory ring. Q·Kᵀ and P·V run on wgmma with fp32
   accumulators; the two compute warpgroups alternate tensor-core and softmax phases through a
-  shared "schedule" barrier so one's exponentials overlap the other's matmuls.
+  shared "schedule" barrier so one's exponentials overlap the other's matmuls; the wait for
+  the next K tile is issued while the P·V product runs.
 * The Gaussian term is folded into per-position vectors: with g_h = sqrt(log2(e) / (2σ_h²)),
   ``(t_q − t_k)²·log2(e)/(2σ_h²) = (g_h·t_q − g_h·t_k)²``, so the kernel needs one float per
   query row and one per key column and never sees σ; logits live in the log2 domain
@@ -19,8 +20,9 @@ Design (see docs/notes/attention_gpu.md for measurements):
   unmasked loop over the rest, so fully visible blocks pay nothing for masks.
 * Backward: delta = rowsum(dO·O) in XLA, then two kernels with the same structure: dK/dV/dσ
   (CTA owns 2·block_kv keys, streams query blocks) and dQ (CTA owns 2·block_q queries, streams
-  key blocks). No atomics: dσ partial sums are written per (batch, head, key row) and summed
-  outside. For grouped heads dK/dV are written per query head and summed outside.
+  key blocks). Independent products are issued in pairs with one wait (Sᵀ and dPᵀ, then dV
+  and dK; S and dP). No atomics: dσ partial sums are written per (batch, head, key row) and
+  summed outside. For grouped heads dK/dV are written per query head and summed outside.
 
 All block sizes are multiples of 64 (wgmma/TMA tiling); sequence lengths are padded up outside
 the kernels (padded keys get segment id −1, so they are masked; padded query rows are dropped).
@@ -42,9 +44,6 @@ import jax.numpy as jnp
 
 from avatar_jax.kernels.gaussian_attention import common
 
-# forward(..., return_aux=True) returns pen̄, which backward(..., aux=) uses (api.py).
-HAS_AUX_RESIDUALS = True
-
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees inf − inf.
@@ -54,7 +53,7 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # query tiles (fewer CTAs, whose fill/drain is otherwise exposed when Nk is short).
 _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, fence=0,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
-                       num_stages_bwd=2, fused_bwd=1)
+                       num_stages_bwd=2)
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
 # The CPU interpreter's cost grows with padded work, not with launch count: smallest tiles.
 _DEFAULT_BLOCKS_INTERPRET = dict(block_q=64, block_kv=64, block_kv_dq=64)
@@ -132,54 +131,6 @@ def block_lists(codes):
   return order, n_partial, n_full
 
 
-# dq_schedule packs, per (tile, step): the contributor's rank within its class (low bits), the
-# class and whether it is the class's last contributor.
-_CLS_SHIFT = 20
-_LAST_SHIFT = 21
-_RANK_MASK = (1 << _CLS_SHIFT) - 1
-
-
-def dq_schedule(codes):
-  """Key-tile order and dQ accumulation plan of the fused backward.
-
-  codes [B, Hc, nQ, nT] (query block × key tile). Returns (order [B, Hc, nT, nQ] int32,
-  n_partial, n_full [B, Hc, nT], info [B, Hc, nT, nQ] int32, has [2, B, Hc, nQ] bool).
-
-  Each key tile visits its query blocks partially visible first, then fully visible ones
-  rotated to start at block (−t mod nQ): in the dense case tile t handles block (s − t) mod nQ
-  at step s, so at every step the CTAs of one head touch distinct query blocks, and block i's
-  contributors arrive one step apart in increasing t. The contributions to block i are split
-  into two classes, "wrapped" (i + t ≥ nQ) and not, each summed in increasing t into its own
-  accumulator. A contributor therefore only ever waits for lower key tiles — CTAs that were
-  launched earlier — so the order is fixed (deterministic) and no wait can deadlock, whereas
-  a single cyclic order would make tile 0 wait for the last tile.
-  """
-  n_q, n_t = codes.shape[2], codes.shape[3]
-  codes_t = jnp.swapaxes(codes, 2, 3)  # [B, Hc, nT, nQ]
-  i = jnp.arange(n_q)[None, :]
-  t = jnp.arange(n_t)[:, None]
-  rot = (i + t) % n_q  # position of block i in tile t's rotated sweep
-  key = jnp.where(codes_t == common.PARTIAL, i,
-                  jnp.where(codes_t == common.FULL, n_q + rot, 3 * n_q + i))
-  order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
-  n_partial = jnp.sum(codes_t == common.PARTIAL, axis=-1).astype(jnp.int32)
-  n_full = jnp.sum(codes_t == common.FULL, axis=-1).astype(jnp.int32)
-  contrib = (codes != common.SKIP).astype(jnp.int32)  # [B, Hc, nQ, nT]
-  cls = ((jnp.arange(n_q)[:, None] + jnp.arange(n_t)[None, :]) >= n_q).astype(jnp.int32)
-  rank = jnp.zeros_like(contrib)
-  count = []
-  for c in range(2):
-    in_c = contrib * (cls == c)
-    rank = rank + (jnp.cumsum(in_c, axis=-1) - in_c) * (cls == c)
-    count.append(in_c.sum(axis=-1))
-  count = jnp.stack(count)  # [2, B, Hc, nQ]
-  n_cls = jnp.where(cls[None, None] == 1, count[1][..., None], count[0][..., None])
-  last = (rank == n_cls - 1).astype(jnp.int32)
-  info = rank | (cls[None, None] << _CLS_SHIFT) | (last << _LAST_SHIFT)
-  info = jnp.take_along_axis(jnp.swapaxes(info, 2, 3), order, axis=-1).astype(jnp.int32)
-  return order, n_partial, n_full, info, count > 0
-
-
 def _pad_rows(x, n_to):
   """Zero-pads axis 1 of x to n_to."""
   if x.shape[1] == n_to:
@@ -251,14 +202,20 @@ def _dot_interpret(a, b_ref, transpose_b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _mma(acc, a, b_ref, interpret):
-  """acc + a @ b on the tensor cores (acc fp32 registers, a registers or SMEM, b SMEM)."""
+def _mma(acc, a, b_ref, interpret, after_issue=None):
+  """acc + a @ b on the tensor cores (acc fp32 registers, a registers or SMEM, b SMEM);
+  `after_issue` runs while the product is in flight."""
   if interpret:
-    return acc + _dot_interpret(a, b_ref, False)
+    out = acc + _dot_interpret(a, b_ref, False)
+    if after_issue is not None:
+      after_issue()
+    return out
   pl, plgpu = _plgpu()
 
   def run_state(acc_ref):
     plgpu.wgmma(acc_ref, a, b_ref)
+    if after_issue is not None:
+      after_issue()
   return pl.run_state(run_state)(plgpu.ACC.init(acc))
 
 
@@ -281,12 +238,29 @@ def _mm(shape, a, b_ref, *, interpret, transpose_b=True, after_issue=None):
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _transposed(ref, interpret):
-  """A 2-D SMEM ref as a transposed wgmma operand (its loaded transpose in the interpreter)."""
+def _mma_group(terms, interpret):
+  """Several independent wgmmas issued back to back, then one wait for all of them.
+
+  terms: (acc, a, b_ref, transpose_b) with acc an fp32 register array, or a shape for a fresh
+  zero accumulator. Returns the accumulators. One wait instead of one per product lets the
+  tensor cores run the second product while the first one drains.
+  """
+  accs = []
+  for acc, a, b_ref, transpose_b in terms:
+    if isinstance(acc, tuple):
+      _, plgpu = _plgpu() if not interpret else (None, None)
+      acc = _cast(interpret, jnp.zeros(acc, jnp.float32),
+                  None if interpret else plgpu.Layout.WGMMA)
+    accs.append(acc)
   if interpret:
-    return ref[...].T
-  _, plgpu = _plgpu()
-  return plgpu.transpose_ref(ref, (1, 0))
+    return tuple(acc + _dot_interpret(a, b_ref, tb)
+                 for acc, (_, a, b_ref, tb) in zip(accs, terms))
+  pl, plgpu = _plgpu()
+
+  def run(acc_refs):
+    for acc_ref, (_, a, b_ref, tb) in zip(acc_refs, terms):
+      plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_ref, (1, 0)) if tb else b_ref)
+  return tuple(pl.run_state(run)(tuple(plgpu.ACC.init(acc) for acc in accs)))
 
 
 def _load(ref, layout, interpret):
@@ -331,12 +305,7 @@ def _apply_mask(s, rows_q, rows_k, spec):
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret, fence=0, with_pbar=False):
-  """out [B, Nq, H, D], lse2 [B, H, Nq] (log2 units) and, with `with_pbar`, pen̄ [B, H, Nq].
-
-  pen̄_i = Σ_j P_ij·pen_ij (log2 units) is what the fused backward needs for dσ (see
-  :func:`_dkv_call`); it costs one multiply-add per logit, so only the VJP forward asks for it.
-  """
+              block_kv, num_stages, head_codes, interpret, fence=0):
   pl, plgpu = _plgpu()
   b, nq, h, d = q.shape
   nk, hkv = k.shape[1], k.shape[2]
@@ -350,11 +319,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
   col_l = plgpu.Layout.WGMMA.reduce(0)
   names = ("g",) + _mask_rows(spec)
 
-  def body(q_ref, k_ref, v_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, o_ref, lse_ref, *rest):
-    if with_pbar:
-      pbar_ref, *rest = rest
-    (qo_smem2, qv_smem2, lse_smem2, k_smem, v_smem, kv_smem,
-     q_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free, sched) = rest
+  def body(q_ref, k_ref, v_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, o_ref, lse_ref,
+           qo_smem2, qv_smem2, lse_smem2, k_smem, v_smem, kv_smem,
+           q_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free, sched):
     bi = lax.axis_index("b")
     hi = lax.axis_index("h")
     ti = lax.axis_index("t")
@@ -384,9 +351,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
       bc_k = lambda x: lax.broadcast_in_dim(x, shape, [1])
 
       def step(j, carry, masked):
-        acc, m, l, pb = carry
+        acc, m, l = carry
         slot = lax.rem(j, jnp.array(stages, j.dtype))
-        plgpu.barrier_wait(k_bar.at[slot])
+        # K of this step was waited for while the previous P·V ran (wait_next_k).
         s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret, after_issue=sched_barrier)
         plgpu.barrier_wait(kv_bar.at[slot])
         if masked:
@@ -395,8 +362,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           krow = [_load(kv_smem.at[slot, 0], col_l, interpret)]
         plgpu.barrier_arrive(k_free.at[slot])
         dg = bc_q(qrow["g"]) - bc_k(krow[0])
-        pen = dg * dg
-        s = s * scale_log2 - pen
+        s = s * scale_log2 - dg * dg
         if masked:
           rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
           rk = {nm: functools.partial(bc_k, krow[i + 1]) for i, nm in enumerate(names[1:])}
@@ -406,8 +372,6 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         p = jnp.exp2(s - bc_q(m_new))
         acc = acc * lax.broadcast_in_dim(alpha, (block_q, d), [0])
         l = l * alpha + p.sum(axis=1)
-        if with_pbar:
-          pb = pb * alpha + (p * pen).sum(axis=1)
         p16 = p.astype(dtype)
         if fence and not interpret:
           # Keeps the compiler from sinking the softmax tail past the hand-off below.
@@ -415,30 +379,29 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(v_bar.at[slot])
         plgpu.barrier_wait(sched)
-        acc = _mma(acc, p16, v_smem.at[slot], interpret)
+        def wait_next_k():  # overlaps the wait for the next K tile with this P·V product
+          nxt = lax.rem(j + 1, jnp.array(stages, j.dtype))
+          pl.when(j + 1 < steps)(lambda: plgpu.barrier_wait(k_bar.at[nxt]))
+        acc = _mma(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k)
         plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l, pb
+        return acc, m_new, l
 
       acc = _cast(interpret, jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
       m = _cast(interpret, jnp.full((block_q,), _M_INIT, jnp.float32), row_l)
       l = _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l)
-      pb = _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l) if with_pbar else None
+      pl.when(steps > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
       pl.when(wg == 1)(sched_barrier)
-      carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (acc, m, l, pb))
-      acc, m, l, pb = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), carry)
+      carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (acc, m, l))
+      acc, m, l = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), carry)
       pl.when(wg == 0)(sched_barrier)
 
       # l >= 1 whenever a key was visible; rows with none keep acc = 0 and l = 0.
       inv_l = 1.0 / jnp.maximum(l, 1e-30)
       q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, (block_q, d), [0])).astype(dtype)
-      lse_smem2.at[wg, 0][...] = m + jnp.log(l) * (1.0 / LN2)
-      if with_pbar:
-        lse_smem2.at[wg, 1][...] = pb * inv_l
+      lse_smem2.at[wg][...] = m + jnp.log(l) * (1.0 / LN2)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(q0, block_q), hi])
-      plgpu.copy_smem_to_gmem(lse_smem2.at[wg, 0], lse_ref.at[bi, hi, pl.ds(q0, block_q)])
-      if with_pbar:
-        plgpu.copy_smem_to_gmem(lse_smem2.at[wg, 1], pbar_ref.at[bi, hi, pl.ds(q0, block_q)])
+      plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[bi, hi, pl.ds(q0, block_q)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -487,7 +450,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
   scratch = [
       plgpu.SMEM((2, block_q, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((2, nr, block_q), jnp.float32),
-      plgpu.SMEM((2, 2 if with_pbar else 1, block_q), jnp.float32),
+      plgpu.SMEM((2, block_q), jnp.float32),
       plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((stages, nr, block_kv), jnp.float32),
@@ -502,8 +465,6 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
   ]
   out_type = [jax.ShapeDtypeStruct(q.shape, dtype),
               jax.ShapeDtypeStruct((b, h, nq), jnp.float32)]
-  if with_pbar:
-    out_type.append(jax.ShapeDtypeStruct((b, h, nq), jnp.float32))
   kernel = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch,
       grid=(h, n_tiles, b), grid_names=("h", "t", "b"),
@@ -573,7 +534,11 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
         dq_acc, pbar = carry
         slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(k_bar.at[slot])
-        s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret)
+        plgpu.barrier_wait(v_bar.at[slot])
+        # S and dP are independent: issue both, wait once.
+        s, dp = _mma_group([(shape, q_smem, k_smem.at[slot], True),
+                            (shape, do_smem, v_smem.at[slot], True)], interpret)
+        plgpu.barrier_arrive(v_free.at[slot])
         plgpu.barrier_wait(kv_bar.at[slot])
         n_load = nr if masked else 1
         krow = [_load(kv_smem.at[slot, i], col_l, interpret) for i in range(n_load)]
@@ -586,9 +551,6 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
           s = _apply_mask(s, rq, rk, spec)
         p = jnp.exp2(s - bc_q(lse))
         pbar = pbar + (p * pen).sum(axis=1)
-        plgpu.barrier_wait(v_bar.at[slot])
-        dp = _mm(shape, do_smem, v_smem.at[slot], interpret=interpret)
-        plgpu.barrier_arrive(v_free.at[slot])
         ds = p * (dp - bc_q(delta))
         dq_acc = _mma(dq_acc, ds.astype(dtype), k_smem.at[slot], interpret)
         plgpu.barrier_arrive(k_free.at[slot])
@@ -678,25 +640,15 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
 
 
 def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret, dq_info=None):
-  """dK, dV per query head (dK unscaled), dσ partials per key (log2 units) and, fused, dQ.
+              block_kv, num_stages, head_codes, interpret):
+  """dK, dV per query head (dK unscaled) and dσ partials per key (log2 units).
 
-  The dσ partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
+  The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
   (Σ_j P_ij (pen_ij − pen̄_i) = 0 removes delta) but does not inherit the error of delta
   computed from the rounded output, which Σ dS·pen, a sum with heavy cancellation, amplifies.
 
-  Fused (``dq_info`` given, [B, Hc, n_tiles, nq/block_q] int32 from :func:`dq_schedule`): each
-  step also writes dSᵀ to shared memory, and the two compute warpgroups each multiply it with
-  one half of the head dim of both key tiles, giving the tile's dQ contribution [block_q, D]
-  (fp32). The memory warpgroup adds it into one of two fp32 accumulators in global memory
-  with TMA, in a fixed order per query block: it waits on a global semaphore until every
-  lower key tile of the same class has added (see :func:`dq_schedule` for why the order is
-  deterministic and cannot deadlock). The first contributor stores instead of adding, so
-  the accumulators need no zeroing. Rows of a class nobody contributed to are left unwritten
-  (:func:`dq_schedule` returns which).
-
   qvec rows: [lse2, delta, pen̄, g, masks...]; kvec rows: [g, masks...]. Returns
-  dk, dv [B, Nk, H, D], part [B, H, Nk] float32 (and dq_acc [2, B, Nq, H, D] float32 fused).
+  dk, dv [B, Nk, H, D] and part [B, H, Nk] float32.
   """
   pl, plgpu = _plgpu()
   b, nq, h, d = q.shape
@@ -711,21 +663,11 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
   row_l = plgpu.Layout.WGMMA.reduce(1)
   col_l = plgpu.Layout.WGMMA.reduce(0)
   names = ("g",) + _mask_rows(spec)
-  fused = dq_info is not None
-  dh = d // 2  # each compute warpgroup produces half of dQ's columns
-  if fused and dh % 64:
-    raise ValueError(f"the fused pallas_gpu backward needs a head dim that is a multiple of "
-                     f"128, got {d}")
 
-  def body(q_ref, k_ref, v_ref, do_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, *rest):
-    if fused:
-      info_ref, dk_ref, dv_ref, part_ref, dq_ref, *rest = rest
-    else:
-      dk_ref, dv_ref, part_ref, *rest = rest
-    (k_smem2, v_smem2, kv_smem2, part_smem2, q_smem, do_smem, qv_smem,
-     k_bar, v_bar, kv_bar, q_bar, do_bar, qv_bar, q_free, do_free, *rest) = rest
-    if fused:
-      ds_smem, dq_smem, ds_ready, ds_free, dq_ready, dq_free, *rest = rest
+  def body(q_ref, k_ref, v_ref, do_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref,
+           dk_ref, dv_ref, part_ref,
+           k_smem2, v_smem2, kv_smem2, part_smem2, q_smem, do_smem, qv_smem,
+           k_bar, v_bar, kv_bar, q_bar, do_bar, qv_bar, q_free, do_free):
     bi = lax.axis_index("b")
     hi = lax.axis_index("h")
     ti = lax.axis_index("t")
@@ -747,31 +689,19 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
       plgpu.barrier_wait(k_bar.at[wg])
       plgpu.barrier_wait(v_bar.at[wg])
       plgpu.barrier_wait(kv_bar.at[wg])
-      if fused:  # dQ reads both key tiles
-        plgpu.barrier_wait(k_bar.at[1 - wg])
       krow = {nm: _load(kv_smem2.at[wg, i], row_l, interpret) for i, nm in enumerate(names)}
       shape = (block_kv, block_q)
       bc_k = lambda x: lax.broadcast_in_dim(x, shape, [0])
       bc_q = lambda x: lax.broadcast_in_dim(x, shape, [1])
 
-      def dq_part(j, half):
-        """This tile's dQ[:, half] = Σ_w dSᵀ_w · K_w[:, half], into shared memory."""
-        cols = pl.ds(half * dh, dh)
-        acc = _cast(interpret, jnp.zeros((block_q, dh), jnp.float32), plgpu.Layout.WGMMA)
-        for w in range(2):
-          acc = _mma(acc, _transposed(ds_smem.at[w], interpret), k_smem2.at[w, :, cols],
-                     interpret)
-        plgpu.barrier_arrive(ds_free)  # both dS tiles read
-        slot2 = lax.rem(j, jnp.array(2, j.dtype))
-        # The memory warpgroup frees a slot once it has added the dQ tile it held.
-        pl.when(j >= 2)(lambda: plgpu.barrier_wait(dq_free.at[slot2]))
-        dq_smem.at[slot2, half][...] = acc
-
       def step(j, carry, masked):
         dk_acc, dv_acc, part = carry
         slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(q_bar.at[slot])
-        st = _mm(shape, k_smem, q_smem.at[slot], interpret=interpret)
+        plgpu.barrier_wait(do_bar.at[slot])
+        # Sᵀ and dPᵀ are independent: issue both, wait once.
+        st, dpt = _mma_group([(shape, k_smem, q_smem.at[slot], True),
+                              (shape, v_smem, do_smem.at[slot], True)], interpret)
         plgpu.barrier_wait(qv_bar.at[slot])
         lse = _load(qv_smem.at[slot, 0], col_l, interpret)
         delta = _load(qv_smem.at[slot, 1], col_l, interpret)
@@ -786,27 +716,13 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
           rk = {nm: functools.partial(bc_k, krow[nm]) for nm in names[1:]}
           st = _apply_mask(st, rq, rk, spec)
         pt = jnp.exp2(st - bc_q(lse))
-        plgpu.barrier_wait(do_bar.at[slot])
-        dv_acc = _mma(dv_acc, pt.astype(dtype), do_smem.at[slot], interpret)
-        dpt = _mm(shape, v_smem, do_smem.at[slot], interpret=interpret)
-        plgpu.barrier_arrive(do_free.at[slot])
-        dst = pt * (dpt - bc_q(delta))
         part = part + (pt * dpt * (pen - bc_q(pbar))).sum(axis=1)
-        ds16 = dst.astype(dtype)
-        if fused:
-          # One dS buffer: both warpgroups must have finished the previous step's dQ product.
-          pl.when(j >= 1)(lambda: plgpu.barrier_wait(ds_free))
-          ds_smem.at[wg][...] = ds16
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(ds_ready)
-        dk_acc = _mma(dk_acc, ds16, q_smem.at[slot], interpret)
+        dst = pt * (dpt - bc_q(delta))
+        dv_acc, dk_acc = _mma_group([(dv_acc, pt.astype(dtype), do_smem.at[slot], False),
+                                     (dk_acc, dst.astype(dtype), q_smem.at[slot], False)],
+                                    interpret)
+        plgpu.barrier_arrive(do_free.at[slot])
         plgpu.barrier_arrive(q_free.at[slot])
-        if fused:
-          plgpu.barrier_wait(ds_ready)
-          for half in range(2):
-            pl.when(wg == half)(functools.partial(dq_part, j, half))
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(dq_ready.at[lax.rem(j, jnp.array(2, j.dtype))])
         return dk_acc, dv_acc, part
 
       zeros = lambda: _cast(interpret, jnp.zeros((block_kv, d), jnp.float32),
@@ -816,13 +732,6 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
       carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
       dk_acc, dv_acc, part = lax.fori_loop(n_p, steps, functools.partial(step, masked=False),
                                            carry)
-      if fused:  # Observe the last frees: the accumulators are complete after them.
-        pl.when(steps > 0)(lambda: plgpu.barrier_wait(ds_free))
-
-        def last_free(j, _):
-          plgpu.barrier_wait(dq_free.at[lax.rem(j, jnp.array(2, j.dtype))])
-          return _
-        lax.fori_loop(jnp.maximum(steps - 2, 0), steps, last_free, None)
       k_smem[...] = dk_acc.astype(dtype)
       v_smem[...] = dv_acc.astype(dtype)
       part_smem2.at[wg][...] = part
@@ -847,44 +756,6 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         rows = pl.ds(qb * block_q, block_q)
         plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[slot], do_bar.at[slot])
 
-      def add_dq(j):
-        """Adds step j's dQ tile into its accumulator, in the order dq_schedule fixed."""
-        if not fused:
-          return
-        slot2 = lax.rem(j, jnp.array(2, j.dtype))
-        qb = ord_ref[bi, hc, ti, j]
-        info = info_ref[bi, hc, ti, j]
-        rank = info & _RANK_MASK
-        cls = (info >> _CLS_SHIFT) & 1
-        last = ((info >> _LAST_SHIFT) & 1) == 1
-        plgpu.barrier_wait(dq_ready.at[slot2])
-        rows = pl.ds(qb * block_q, block_q)
-        if interpret:
-          # No semaphores or TMA reductions in the interpreter, which runs one CTA at a time
-          # in grid order: the same per-class order, so a read-add-write is exact here.
-          for half in range(2):
-            dst = dq_ref.at[cls, bi, rows, hi, pl.ds(half * dh, dh)]
-            prev = jnp.where(rank > 0, dst[...], 0.0)
-            dst[...] = prev + dq_smem.at[slot2, half][...]
-        else:
-          sem = sems.at[((cls * b + bi) * h + hi) * (nq // block_q) + qb]
-          pl.when((rank > 0) & last)(
-              lambda: pl.semaphore_wait(sem, rank, decrement=True))
-          pl.when((rank > 0) & ~last)(
-              lambda: pl.semaphore_wait(sem, rank, decrement=False))
-          for half in range(2):
-            dst = dq_ref.at[cls, bi, rows, hi, pl.ds(half * dh, dh)]
-            src = dq_smem.at[slot2, half]
-            pl.when(rank == 0)(lambda: plgpu.copy_smem_to_gmem(src, dst))
-            pl.when(rank > 0)(lambda: plgpu.copy_smem_to_gmem(src, dst, reduction_op="add"))
-          # Complete (not only read) before the next contributor may add on top.
-          plgpu.wait_smem_to_gmem(0)
-          pl.when(~last)(lambda: pl.semaphore_signal(sem, 1))
-        plgpu.barrier_arrive(dq_free.at[slot2])
-
-      if fused and not interpret:
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((2 * b * h * (nq // block_q),)))
-
       for i in range(stages):
         @pl.when(i < steps)
         def _prologue():
@@ -897,7 +768,6 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         issue_do(j, slot)
         plgpu.barrier_wait(q_free.at[slot])
         issue_q(j, slot)
-        add_dq(j - stages)
         return _
 
       lax.fori_loop(stages, steps, refill, None)
@@ -907,7 +777,6 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(q_free.at[slot])
         plgpu.barrier_wait(do_free.at[slot])
-        add_dq(j)
         return _
 
       lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
@@ -934,26 +803,13 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
   out_type = [jax.ShapeDtypeStruct((b, nk, h, d), dtype),
               jax.ShapeDtypeStruct((b, nk, h, d), dtype),
               jax.ShapeDtypeStruct((b, h, nk), jnp.float32)]
-  args = [q, k, v, do, qvec, kvec, order, n_part, n_full]
-  if fused:
-    f32_tiling = plgpu.TilingTransform((8, 32))  # 32 fp32 = the 128-byte swizzle span
-    scratch += [
-        plgpu.SMEM((2, block_kv, block_q), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((2, 2, block_q, dh), jnp.float32, transforms=(f32_tiling, swizzle)),
-        plgpu.Barrier(num_arrivals=2),
-        plgpu.Barrier(num_arrivals=2),
-        plgpu.Barrier(num_arrivals=2, num_barriers=2),
-        plgpu.Barrier(num_barriers=2),
-    ]
-    out_type.append(jax.ShapeDtypeStruct((2, b, nq, h, d), jnp.float32))
-    args.append(dq_info)
   kernel = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch,
       grid=(h, n_tiles, b), grid_names=("h", "t", "b"),
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret))
-  return kernel(*args)
+  return kernel(q, k, v, do, qvec, kvec, order, n_part, n_full)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -975,8 +831,8 @@ def _blocks(block_sizes, head_dim, interpret=False):
   for name, val in cfg.items():
     if name.startswith("block") and (val % 64 or val <= 0):
       raise ValueError(f"pallas_gpu block size {name}={val} must be a positive multiple of 64")
-    if name == "fused_bwd" and val not in (0, 1):
-      raise ValueError(f"pallas_gpu fused_bwd={val} must be 0 or 1")
+    if name == "fence" and val not in (0, 1):
+      raise ValueError(f"pallas_gpu {name}={val} must be 0 or 1")
     if name.startswith("num_stages") and val < 1:
       raise ValueError(f"pallas_gpu {name}={val} must be >= 1")
   return cfg
@@ -989,11 +845,8 @@ def _multiples(cfg):
 
 
 def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_ids,
-            interpret=False, return_aux=False, **block_sizes):
-  """Backend contract forward: (out [B, Nq, H, D] q.dtype, lse [B, H, Nq] float32, natural log).
-
-  With ``return_aux`` also pen̄ [B, H, Nq] (the residual the fused backward needs).
-  """
+            interpret=False, **block_sizes):
+  """Backend contract forward: (out [B, Nq, H, D] q.dtype, lse [B, H, Nq] float32, natural log)."""
   cfg = _blocks(block_sizes, q.shape[-1], interpret)
   q_mult, k_mult = _multiples(cfg)
   prep = _Prep(q, k, t_q, t_k, sigma, scale, spec, q_segment_ids, kv_segment_ids,
@@ -1003,32 +856,18 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   qp = _pad_rows(q, prep.nq_p)
   kp = _pad_rows(k, prep.nk_p)
   vp = _pad_rows(v, prep.nk_p)
-  with_pbar = return_aux and _fused(cfg, prep.d)
-  res = _fwd_call(qp, kp, vp, prep.qvec, prep.kvec, order, n_part, n_full,
-                  scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
-                  block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
-                  head_codes=codes.shape[1] > 1, interpret=interpret, fence=cfg["fence"],
-                  with_pbar=with_pbar)
-  out = res[0][:, :prep.nq]
-  lse = res[1][:, :, :prep.nq] * LN2
-  if not return_aux:
-    return out, lse
-  return out, lse, (res[2][:, :, :prep.nq] if with_pbar else None)
-
-
-def _fused(cfg, d):
-  """Whether the backward runs as one kernel (dQ accumulated in order) or as two."""
-  return bool(cfg["fused_bwd"]) and d % 128 == 0
+  out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, prep.kvec, order, n_part, n_full,
+                        scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
+                        block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
+                        head_codes=codes.shape[1] > 1, interpret=interpret, fence=cfg["fence"])
+  out = out[:, :prep.nq]
+  lse = lse2[:, :, :prep.nq] * LN2
+  return out, lse
 
 
 def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment_ids,
-             kv_segment_ids, interpret=False, aux=None, **block_sizes):
-  """Backend contract backward: (dq, dk, dv, dsigma [H] float32).
-
-  ``aux`` is the forward's pen̄ (``forward(..., return_aux=True)``). With it (and a head dim
-  that is a multiple of 128) the backward is one kernel; without it a dQ kernel first
-  computes dQ and pen̄, then the dK/dV kernel runs (S and dP are computed twice).
-  """
+             kv_segment_ids, interpret=False, **block_sizes):
+  """Backend contract backward: (dq, dk, dv, dsigma [H] float32)."""
   cfg = _blocks(block_sizes, q.shape[-1], interpret)
   q_mult, k_mult = _multiples(cfg)
   prep = _Prep(q, k, t_q, t_k, sigma, scale, spec, q_segment_ids, kv_segment_ids,
@@ -1040,42 +879,25 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   pad_q = prep.nq_p - nq
   lse2 = jnp.pad(lse2, [(0, 0), (0, 0), (0, pad_q)], constant_values=jnp.inf)
   delta = jnp.pad(delta, [(0, 0), (0, 0), (0, pad_q)])
+  qvec_b = jnp.concatenate([lse2[:, :, None], delta[:, :, None], prep.qvec], axis=2)
   qp, dop = _pad_rows(q, prep.nq_p), _pad_rows(dout.astype(q.dtype), prep.nq_p)
   kp, vp = _pad_rows(k, prep.nk_p), _pad_rows(v, prep.nk_p)
   kw = dict(scale_log2=prep.scale_log2, spec=spec, interpret=interpret)
-  fused = aux is not None and _fused(cfg, prep.d)
 
-  if fused:
-    pbar = jnp.pad(aux.astype(jnp.float32), [(0, 0), (0, 0), (0, pad_q)])
-  else:
-    qvec_b = jnp.concatenate([lse2[:, :, None], delta[:, :, None], prep.qvec], axis=2)
-    codes_q = prep.codes(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
-    order, n_part, n_full = block_lists(codes_q)
-    dq, pbar = _dq_call(qp, kp, vp, dop, qvec_b, prep.kvec, order, n_part, n_full,
-                        block_q=cfg["block_q_dq"], block_kv=cfg["block_kv_dq"],
-                        num_stages=cfg["num_stages_bwd"], head_codes=codes_q.shape[1] > 1,
-                        **kw)
+  codes_q = prep.codes(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
+  order, n_part, n_full = block_lists(codes_q)
+  dq, pbar = _dq_call(qp, kp, vp, dop, qvec_b, prep.kvec, order, n_part, n_full,
+                block_q=cfg["block_q_dq"], block_kv=cfg["block_kv_dq"],
+                num_stages=cfg["num_stages_bwd"], head_codes=codes_q.shape[1] > 1, **kw)
 
   codes_k = prep.codes(cfg["block_q_dkv"], 2 * cfg["block_kv_dkv"])
-  qvec_k = jnp.concatenate([lse2[:, :, None], delta[:, :, None], pbar[:, :, None], prep.qvec],
-                           axis=2)
-  common_kw = dict(block_q=cfg["block_q_dkv"], block_kv=cfg["block_kv_dkv"],
-                   num_stages=cfg["num_stages_bwd"], head_codes=codes_k.shape[1] > 1, **kw)
-  if fused:
-    order, n_part, n_full, info, has = dq_schedule(codes_k)
-    dk, dv, part, dq_acc = _dkv_call(qp, kp, vp, dop, qvec_k, prep.kvec, order, n_part,
-                                     n_full, dq_info=info, **common_kw)
-    # Blocks a class got no contribution from were never written: select, do not add.
-    has = jnp.repeat(has, cfg["block_q_dkv"], axis=-1)[..., :nq]  # [2, B, Hc, Nq]
-    has = jnp.swapaxes(has, 2, 3)[..., None]  # [2, B, Nq, Hc, 1]; Hc is 1 or H
-    dq_acc = dq_acc[:, :, :nq]
-    dq = jnp.where(has[0], dq_acc[0], 0.0) + jnp.where(has[1], dq_acc[1], 0.0)
-    dq = (dq * scale).astype(q.dtype)
-  else:
-    order, n_part, n_full = block_lists(jnp.swapaxes(codes_k, 2, 3))
-    dk, dv, part = _dkv_call(qp, kp, vp, dop, qvec_k, prep.kvec, order, n_part, n_full,
-                             **common_kw)
-    dq = (dq[:, :nq].astype(jnp.float32) * scale).astype(q.dtype)
+  order, n_part, n_full = block_lists(jnp.swapaxes(codes_k, 2, 3))
+  qvec_k = jnp.concatenate([qvec_b[:, :, :2], pbar[:, :, None], prep.qvec], axis=2)
+  dk, dv, part = _dkv_call(qp, kp, vp, dop, qvec_k, prep.kvec, order, n_part, n_full,
+                           block_q=cfg["block_q_dkv"], block_kv=cfg["block_kv_dkv"],
+                           num_stages=cfg["num_stages_bwd"],
+                           head_codes=codes_k.shape[1] > 1, **kw)
+  dq = (dq[:, :nq].astype(jnp.float32) * scale).astype(q.dtype)
   dk = dk[:, :nk].astype(jnp.float32) * scale
   dv = dv[:, :nk].astype(jnp.float32)
   rep = h // prep.hkv
