@@ -304,8 +304,27 @@ def _apply_mask(s, rows_q, rows_k, spec):
 # ----------------------------------------------------------------------------------------------
 
 
+def _num_ctas(n_items, interpret):
+  """CTAs of the persistent forward: one per multiprocessor (2 in the interpreter)."""
+  if interpret:
+    return max(1, min(2, n_items))
+  try:
+    sms = int(jax.devices()[0].core_count)
+  except Exception:  # pylint: disable=broad-except
+    sms = 132
+  return max(1, min(sms, n_items))
+
+
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
               block_kv, num_stages, head_codes, interpret, fence=0):
+  """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
+
+  Item i = h + H·(tile + n_tiles·b), so CTAs running at the same time share K/V in L2 as in a
+  one-CTA-per-tile grid. A CTA's producer streams K/V for its items back to back (the ring
+  does not drain between items) and each compute warpgroup loads the next item's Q into the
+  other half of a double buffer while it works on the current one, so per-item fill and
+  drain (Q load, first K/V, output store) overlap work instead of leaving the SM idle.
+  """
   pl, plgpu = _plgpu()
   b, nq, h, d = q.shape
   nk, hkv = k.shape[1], k.shape[2]
@@ -313,6 +332,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
   nr = qvec.shape[2]
   tile_q = 2 * block_q
   n_tiles = nq // tile_q
+  n_items = h * n_tiles * b
+  n_ctas = _num_ctas(n_items, interpret)
   dtype = q.dtype
   stages = num_stages
   row_l = plgpu.Layout.WGMMA.reduce(1)
@@ -320,16 +341,22 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
   names = ("g",) + _mask_rows(spec)
 
   def body(q_ref, k_ref, v_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, o_ref, lse_ref,
-           qo_smem2, qv_smem2, lse_smem2, k_smem, v_smem, kv_smem,
+           qo_smem, qv_smem, lse_smem2, k_smem, v_smem, kv_smem,
            q_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free, sched):
-    bi = lax.axis_index("b")
-    hi = lax.axis_index("h")
-    ti = lax.axis_index("t")
+    cta = lax.axis_index("c")
     wg = lax.axis_index("wg")
-    hc = hi if head_codes else 0
-    n_p = np_ref[bi, hc, ti]
-    n_f = nf_ref[bi, hc, ti]
-    steps = n_p + n_f
+    # Items of this CTA: cta, cta + n_ctas, ...
+    my_items = lax.div(n_items - 1 - cta, jnp.array(n_ctas, cta.dtype)) + 1
+
+    def item_coords(i):
+      item = cta + i * n_ctas
+      hi = lax.rem(item, jnp.array(h, item.dtype))
+      rest = lax.div(item, jnp.array(h, item.dtype))
+      ti = lax.rem(rest, jnp.array(n_tiles, item.dtype))
+      bi = lax.div(rest, jnp.array(n_tiles, item.dtype))
+      hc = hi if head_codes else 0
+      n_p = np_ref[bi, hc, ti]
+      return bi, hi, ti, hc, n_p, n_p + nf_ref[bi, hc, ti]
 
     def sched_barrier():
       plgpu.barrier_arrive(sched)
@@ -338,124 +365,147 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      q_smem = qo_smem2.at[wg]
-      q0 = ti * tile_q + wg * block_q
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, block_q), hi], q_smem, q_bar.at[wg])
-      plgpu.copy_gmem_to_smem(qv_ref.at[bi, hi, :, pl.ds(q0, block_q)], qv_smem2.at[wg],
-                              qv_bar.at[wg])
-      plgpu.barrier_wait(q_bar.at[wg])
-      plgpu.barrier_wait(qv_bar.at[wg])
-      qrow = {nm: _load(qv_smem2.at[wg, i], row_l, interpret) for i, nm in enumerate(names)}
+
+      def load_q(i):
+        bi, hi, ti, *_ = item_coords(i)
+        buf = lax.rem(i, jnp.array(2, i.dtype))
+        q0 = ti * tile_q + wg * block_q
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, block_q), hi], qo_smem.at[buf, wg],
+                                q_bar.at[buf * 2 + wg])
+        plgpu.copy_gmem_to_smem(qv_ref.at[bi, hi, :, pl.ds(q0, block_q)],
+                                qv_smem.at[buf, wg], qv_bar.at[buf * 2 + wg])
+
       shape = (block_q, block_kv)
       bc_q = lambda x: lax.broadcast_in_dim(x, shape, [0])
       bc_k = lambda x: lax.broadcast_in_dim(x, shape, [1])
 
-      def step(j, carry, masked):
-        acc, m, l = carry
-        slot = lax.rem(j, jnp.array(stages, j.dtype))
-        # K of this step was waited for while the previous P·V ran (wait_next_k).
-        s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret, after_issue=sched_barrier)
-        plgpu.barrier_wait(kv_bar.at[slot])
-        if masked:
-          krow = [_load(kv_smem.at[slot, i], col_l, interpret) for i in range(nr)]
-        else:
-          krow = [_load(kv_smem.at[slot, 0], col_l, interpret)]
-        plgpu.barrier_arrive(k_free.at[slot])
-        dg = bc_q(qrow["g"]) - bc_k(krow[0])
-        s = s * scale_log2 - dg * dg
-        if masked:
-          rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
-          rk = {nm: functools.partial(bc_k, krow[i + 1]) for i, nm in enumerate(names[1:])}
-          s = _apply_mask(s, rq, rk, spec)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - bc_q(m_new))
-        acc = acc * lax.broadcast_in_dim(alpha, (block_q, d), [0])
-        l = l * alpha + p.sum(axis=1)
-        p16 = p.astype(dtype)
-        if fence and not interpret:
-          # Keeps the compiler from sinking the softmax tail past the hand-off below.
-          acc, m_new, l, p16 = lax.optimization_barrier((acc, m_new, l, p16))
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_bar.at[slot])
-        plgpu.barrier_wait(sched)
-        def wait_next_k():  # overlaps the wait for the next K tile with this P·V product
-          nxt = lax.rem(j + 1, jnp.array(stages, j.dtype))
-          pl.when(j + 1 < steps)(lambda: plgpu.barrier_wait(k_bar.at[nxt]))
-        acc = _mma(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k)
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l
+      def item_body(i, g0):
+        bi, hi, ti, _, n_p, steps = item_coords(i)
+        buf = lax.rem(i, jnp.array(2, i.dtype))
+        q_smem = qo_smem.at[buf, wg]
+        plgpu.barrier_wait(q_bar.at[buf * 2 + wg])
+        plgpu.barrier_wait(qv_bar.at[buf * 2 + wg])
 
-      acc = _cast(interpret, jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
-      m = _cast(interpret, jnp.full((block_q,), _M_INIT, jnp.float32), row_l)
-      l = _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l)
-      pl.when(steps > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
+        # The other buffer held the previous item's output: once its store has read it,
+        # the next item's Q goes there while this item runs.
+        @pl.when(i + 1 < my_items)
+        def _prefetch_q():
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          load_q(i + 1)
+
+        qrow = {nm: _load(qv_smem.at[buf, wg, r], row_l, interpret)
+                for r, nm in enumerate(names)}
+
+        def step(j, carry, masked):
+          acc, m, l = carry
+          slot = lax.rem(g0 + j, jnp.array(stages, j.dtype))
+          # This step's K was waited for while the previous P·V ran (or below, at j = 0).
+          s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret,
+                  after_issue=sched_barrier)
+          plgpu.barrier_wait(kv_bar.at[slot])
+          if masked:
+            krow = [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(nr)]
+          else:
+            krow = [_load(kv_smem.at[slot, 0], col_l, interpret)]
+          plgpu.barrier_arrive(k_free.at[slot])
+          dg = bc_q(qrow["g"]) - bc_k(krow[0])
+          s = s * scale_log2 - dg * dg
+          if masked:
+            rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
+            rk = {nm: functools.partial(bc_k, krow[r + 1]) for r, nm in enumerate(names[1:])}
+            s = _apply_mask(s, rq, rk, spec)
+          m_new = jnp.maximum(m, s.max(axis=1))
+          alpha = jnp.exp2(m - m_new)
+          p = jnp.exp2(s - bc_q(m_new))
+          acc = acc * lax.broadcast_in_dim(alpha, (block_q, d), [0])
+          l = l * alpha + p.sum(axis=1)
+          p16 = p.astype(dtype)
+          if fence and not interpret:
+            # Keeps the compiler from sinking the softmax tail past the hand-off below.
+            acc, m_new, l, p16 = lax.optimization_barrier((acc, m_new, l, p16))
+          plgpu.barrier_arrive(sched)
+          plgpu.barrier_wait(v_bar.at[slot])
+          plgpu.barrier_wait(sched)
+
+          def wait_next_k():  # overlaps the wait for the next K tile with this P·V product
+            nxt = lax.rem(g0 + j + 1, jnp.array(stages, j.dtype))
+            pl.when(j + 1 < steps)(lambda: plgpu.barrier_wait(k_bar.at[nxt]))
+          acc = _mma(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k)
+          plgpu.barrier_arrive(v_free.at[slot])
+          return acc, m_new, l
+
+        pl.when(steps > 0)(lambda: plgpu.barrier_wait(
+            k_bar.at[lax.rem(g0, jnp.array(stages, g0.dtype))]))
+        acc = _cast(interpret, jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
+        m = _cast(interpret, jnp.full((block_q,), _M_INIT, jnp.float32), row_l)
+        l = _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l)
+        carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (acc, m, l))
+        acc, m, l = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), carry)
+
+        # l >= 1 whenever a key was visible; rows with none keep acc = 0 and l = 0.
+        inv_l = 1.0 / jnp.maximum(l, 1e-30)
+        q0 = ti * tile_q + wg * block_q
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous lse store
+        q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, (block_q, d), [0])).astype(dtype)
+        lse_smem2.at[wg][...] = m + jnp.log(l) * (1.0 / LN2)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(q0, block_q), hi])
+        plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[bi, hi, pl.ds(q0, block_q)])
+        return g0 + steps
+
+      load_q(jnp.int32(0))
       pl.when(wg == 1)(sched_barrier)
-      carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (acc, m, l))
-      acc, m, l = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), carry)
+      lax.fori_loop(0, my_items, item_body, jnp.int32(0))
       pl.when(wg == 0)(sched_barrier)
-
-      # l >= 1 whenever a key was visible; rows with none keep acc = 0 and l = 0.
-      inv_l = 1.0 / jnp.maximum(l, 1e-30)
-      q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, (block_q, d), [0])).astype(dtype)
-      lse_smem2.at[wg][...] = m + jnp.log(l) * (1.0 / LN2)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(q0, block_q), hi])
-      plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[bi, hi, pl.ds(q0, block_q)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-      hk = lax.div(hi, jnp.array(rep, hi.dtype))
 
-      def issue_k(j, slot):
-        kb = ord_ref[bi, hc, ti, j]
-        rows = pl.ds(kb * block_kv, block_kv)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hk], k_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(kv_ref.at[bi, hi, :, rows], kv_smem.at[slot], kv_bar.at[slot])
+      def item_body(i, g0):
+        bi, hi, ti, hc, _, steps = item_coords(i)
+        hk = lax.div(hi, jnp.array(rep, hi.dtype))
 
-      def issue_v(j, slot):
-        kb = ord_ref[bi, hc, ti, j]
-        rows = pl.ds(kb * block_kv, block_kv)
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hk], v_smem.at[slot], v_bar.at[slot])
+        def issue(j, _):
+          g = g0 + j
+          slot = lax.rem(g, jnp.array(stages, g.dtype))
+          kb = ord_ref[bi, hc, ti, j]
+          rows = pl.ds(kb * block_kv, block_kv)
+          # The ring runs across items: slot reuse waits for the step `stages` earlier.
+          pl.when(g >= stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+          plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hk], k_smem.at[slot], k_bar.at[slot])
+          plgpu.copy_gmem_to_smem(kv_ref.at[bi, hi, :, rows], kv_smem.at[slot],
+                                  kv_bar.at[slot])
+          pl.when(g >= stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+          plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hk], v_smem.at[slot], v_bar.at[slot])
+          return _
 
-      for i in range(stages):
-        @pl.when(i < steps)
-        def _prologue():
-          issue_k(i, i)
-          issue_v(i, i)
+        lax.fori_loop(0, steps, issue, None)
+        return g0 + steps
 
-      def refill(j, _):
-        slot = lax.rem(j, jnp.array(stages, j.dtype))
-        plgpu.barrier_wait(k_free.at[slot])
-        issue_k(j, slot)
-        plgpu.barrier_wait(v_free.at[slot])
-        issue_v(j, slot)
-        return _
-
-      lax.fori_loop(stages, steps, refill, None)
+      total = lax.fori_loop(0, my_items, item_body, jnp.int32(0))
 
       # Observe the last releases too, so every barrier phase is waited on before exit.
-      def drain(j, _):
-        slot = lax.rem(j, jnp.array(stages, j.dtype))
+      def drain(g, _):
+        slot = lax.rem(g, jnp.array(stages, g.dtype))
         plgpu.barrier_wait(k_free.at[slot])
         plgpu.barrier_wait(v_free.at[slot])
         return _
 
-      lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+      lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
   scratch = [
-      plgpu.SMEM((2, block_q, d), dtype, transforms=(tiling, swizzle)),
-      plgpu.SMEM((2, nr, block_q), jnp.float32),
+      plgpu.SMEM((2, 2, block_q, d), dtype, transforms=(tiling, swizzle)),  # [buf, wg]: Q, then O
+      plgpu.SMEM((2, 2, nr, block_q), jnp.float32),
       plgpu.SMEM((2, block_q), jnp.float32),
       plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((stages, nr, block_kv), jnp.float32),
-      plgpu.Barrier(num_barriers=2),
-      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=4),  # q_bar, [buf · 2 + wg]
+      plgpu.Barrier(num_barriers=4),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
@@ -467,7 +517,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
               jax.ShapeDtypeStruct((b, h, nq), jnp.float32)]
   kernel = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch,
-      grid=(h, n_tiles, b), grid_names=("h", "t", "b"),
+      grid=(n_ctas,), grid_names=("c",),
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret))
