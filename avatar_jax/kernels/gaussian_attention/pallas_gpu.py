@@ -4,9 +4,10 @@ Implements the backend contract of :mod:`common` (``forward`` / ``backward``).
 
 Design (see docs/notes/attention_gpu.md for measurements):
 
-* Forward: one CTA = 3 warpgroups. Warpgroups 0 and 1 each own ``block_q`` query rows (so a CTA
-  covers ``2·block_q`` rows); warpgroup 2 only issues TMA copies of K, V and the per-key vectors
-  into a ``num_stages``-deep shared-memory ring. Q·Kᵀ and P·V run on wgmma with fp32
+* Forward: persistent, one CTA per multiprocessor walking (batch, head, query tile) items.
+  A CTA = 3 warpgroups. Warpgroups 0 and 1 each own ``block_q`` query rows of the item (a
+  tile is ``2·block_q`` rows); warpgroup 2 only issues TMA copies of K, V and the per-key
+  vectors into a ``num_stages``-deep shared-memory ring that runs across items. Q·Kᵀ and P·V run on wgmma with fp32
   accumulators; the two compute warpgroups alternate tensor-core and softmax phases through a
   shared "schedule" barrier so one's exponentials overlap the other's matmuls; the wait for
   the next K tile is issued while the P·V product runs.
