@@ -95,3 +95,33 @@ def test_interpret_forward_backward_matches_float64_reference():
   for name, got, want in zip(("dq", "dk", "dv", "dsigma"), (dq, dk, dv, dsig), grads):
     assert _rel(got, want) < 2e-2, name
   assert lse.shape == (b, h, nq) and np.all(np.isfinite(np.asarray(lse)))
+
+
+def test_interpret_persistent_forward_with_empty_items():
+  """The persistent forward walks several (batch, head, tile) items per CTA; a whole query
+  tile that sees no key (zero steps) must give zeros and lse = −inf without desynchronising
+  the K/V ring or the double-buffered Q of the items around it."""
+  b, nq, nk, h, d = 2, 384, 96, 2, 64
+  q, k, v, _, tq, tk = _inputs(4, b, nq, nk, h, h, d)
+  q_ids = np.zeros((b, nq), np.int32)
+  q_ids[0, 128:256] = 5  # batch 0, second tile (block_q=64 → tiles of 128): no key has id 5
+  q_ids[1, 300:] = 5     # batch 1: part of the last tile only
+  qs, ks = common.normalise_segment_ids(jnp.asarray(q_ids), jnp.zeros((b, nk), jnp.int32), b,
+                                        nq, nk)
+  spec = common.MaskSpec()
+  sigma = jnp.asarray([0.2, 1.0], jnp.float32)
+  out, lse = pallas_gpu.forward(q, k, v, tq, tk, sigma, scale=d ** -0.5, spec=spec,
+                                q_segment_ids=qs, kv_segment_ids=ks, interpret=True,
+                                block_q=64, block_kv=64)
+  out, lse = np.asarray(out, np.float32), np.asarray(lse)
+  empty = q_ids == 5  # [B, Nq]
+  assert np.all(out[empty] == 0)
+  assert np.all(np.isneginf(lse.transpose(0, 2, 1)[empty]))
+  assert np.all(np.isfinite(lse.transpose(0, 2, 1)[~empty]))
+  with jax.enable_x64(True):
+    c = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    ref = reference.gaussian_attention_segments(
+        c(q), c(k), c(v), c(tq), c(tk), c(sigma), scale=d ** -0.5, spec=spec,
+        q_segment_ids=qs, kv_segment_ids=ks)
+  keep = q_ids != 5
+  assert _rel(out[keep], np.asarray(ref)[keep]) < 1e-2
