@@ -492,12 +492,13 @@ def test_interpret_mode_poisons_unwritten_blocks():
   assert not np.array_equal(np.asarray(out)[8:], np.asarray(x[8:]))
 
 
-@pytest.mark.parametrize("chip", ["TPU_V5E", "TPU_V6E"])
-def test_pallas_tpu_lowers_for_tpu(chip, monkeypatch):
-  """The TPU kernels lower through Pallas' Mosaic TPU rules (forward and backward, causal +
-  window + segments, GQA), not only in interpret mode. No TPU here, so the chip description
-  the lowering asks for is registered for the CPU device; Mosaic's own compiler (in libtpu)
-  is not exercised."""
+@pytest.mark.parametrize("chip,case", [
+    ("TPU_V5E", "causal_window_segments_gqa"), ("TPU_V6E", "causal_window_segments_gqa"),
+    ("TPU_V5E", "block_causal_fp16_d64"), ("TPU_V6E", "band_skipping")])
+def test_pallas_tpu_lowers_for_tpu(chip, case, monkeypatch):
+  """The TPU kernels lower through Pallas' Mosaic TPU rules (forward and backward), not only
+  in interpret mode. No TPU here, so the chip description the lowering asks for is registered
+  for the CPU device; Mosaic's own compiler (in libtpu) is not exercised."""
   from jax._src.pallas.mosaic import tpu_info
   from avatar_jax.kernels.gaussian_attention import pallas_tpu
   if not hasattr(tpu_info, "registry") or not hasattr(tpu_info.ChipVersion, chip):
@@ -505,12 +506,19 @@ def test_pallas_tpu_lowers_for_tpu(chip, monkeypatch):
   version = getattr(tpu_info.ChipVersion, chip)
   monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
                       lambda: tpu_info.get_tpu_info_for_chip(version, 1))
-  b, nq, nk, h, hkv, d = 1, 512, 384, 4, 2, 128
+  b, nq, nk, h, hkv, d, dtype, spec = {
+      "causal_window_segments_gqa": (1, 512, 384, 4, 2, 128, jnp.bfloat16,
+                                     common.MaskSpec(causal=True, window=0.5)),
+      "block_causal_fp16_d64": (2, 300, 260, 2, 2, 64, jnp.float16,
+                                common.MaskSpec(causal_block=0.32, lookahead_blocks=1)),
+      "band_skipping": (1, 1024, 1024, 2, 2, 128, jnp.bfloat16,
+                        common.MaskSpec(bias_cutoff=20.0)),
+  }[case]
   sds = jax.ShapeDtypeStruct
-  q, k = sds((b, nq, h, d), jnp.bfloat16), sds((b, nk, hkv, d), jnp.bfloat16)
+  q, k = sds((b, nq, h, d), dtype), sds((b, nk, hkv, d), dtype)
   tq, tk = sds((b, nq), jnp.float32), sds((b, nk), jnp.float32)
   qs, ks = sds((b, nq), jnp.int32), sds((b, nk), jnp.int32)
-  kw = dict(scale=d ** -0.5, spec=common.MaskSpec(causal=True, window=0.5))
+  kw = dict(scale=d ** -0.5, spec=spec)
 
   def fwd(q, k, v, tq, tk, sigma, qs, ks):
     return pallas_tpu.forward(q, k, v, tq, tk, sigma, q_segment_ids=qs, kv_segment_ids=ks, **kw)
@@ -520,11 +528,11 @@ def test_pallas_tpu_lowers_for_tpu(chip, monkeypatch):
                                kv_segment_ids=ks, **kw)
 
   sig = sds((h,), jnp.float32)
-  texts = [
+  lowered = [
       jax.jit(fwd).trace(q, k, k, tq, tk, sig, qs, ks).lower(lowering_platforms=("tpu",)),
       jax.jit(bwd).trace(q, k, k, tq, tk, sig, qs, ks, q, sds((b, h, nq), jnp.float32), q)
       .lower(lowering_platforms=("tpu",)),
   ]
-  for lowered, n_kernels in zip(texts, (1, 2)):
-    text = lowered.as_text()
+  for low, n_kernels in zip(lowered, (1, 2)):
+    text = low.as_text()
     assert text.count("tpu_custom_call") >= n_kernels, text[:2000]
