@@ -280,6 +280,40 @@ def _cast(interpret, x, layout):
   return plgpu.layout_cast(x, layout)
 
 
+def _stream(steps, stages, first, second):
+  """The backward kernels' memory warpgroup: a `stages`-deep ring of two streamed operands.
+
+  first / second: (issue(j, slot), free barriers [stages]). The first `stages` steps are
+  issued up front; step j then waits for its slot's release by both compute warpgroups.
+  """
+  pl, plgpu = _plgpu()
+  (issue_a, free_a), (issue_b, free_b) = first, second
+  for i in range(stages):
+    @pl.when(i < steps)
+    def _prologue():
+      issue_a(i, i)
+      issue_b(i, i)
+
+  def refill(j, _):
+    slot = lax.rem(j, jnp.array(stages, j.dtype))
+    plgpu.barrier_wait(free_b.at[slot])
+    issue_b(j, slot)
+    plgpu.barrier_wait(free_a.at[slot])
+    issue_a(j, slot)
+    return _
+
+  lax.fori_loop(stages, steps, refill, None)
+
+  # Observe the last releases too, so every barrier phase is waited on before exit.
+  def drain(j, _):
+    slot = lax.rem(j, jnp.array(stages, j.dtype))
+    plgpu.barrier_wait(free_a.at[slot])
+    plgpu.barrier_wait(free_b.at[slot])
+    return _
+
+  lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+
+
 def _apply_mask(s, rows_q, rows_k, spec):
   """Sets invisible logits to −inf. rows_*: dict name → broadcast [bq, bk] f32 arrays (lazy)."""
   neg = jnp.float32(-jnp.inf)
@@ -634,30 +668,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
         rows = pl.ds(kb * block_kv, block_kv)
         plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hk], v_smem.at[slot], v_bar.at[slot])
 
-      for i in range(stages):
-        @pl.when(i < steps)
-        def _prologue():
-          issue_k(i, i)
-          issue_v(i, i)
-
-      def refill(j, _):
-        slot = lax.rem(j, jnp.array(stages, j.dtype))
-        plgpu.barrier_wait(v_free.at[slot])
-        issue_v(j, slot)
-        plgpu.barrier_wait(k_free.at[slot])
-        issue_k(j, slot)
-        return _
-
-      lax.fori_loop(stages, steps, refill, None)
-
-      # Observe the last releases too, so every barrier phase is waited on before exit.
-      def drain(j, _):
-        slot = lax.rem(j, jnp.array(stages, j.dtype))
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        return _
-
-      lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+      _stream(steps, stages, (issue_k, k_free), (issue_v, v_free))
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
@@ -807,30 +818,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
         rows = pl.ds(qb * block_q, block_q)
         plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[slot], do_bar.at[slot])
 
-      for i in range(stages):
-        @pl.when(i < steps)
-        def _prologue():
-          issue_q(i, i)
-          issue_do(i, i)
-
-      def refill(j, _):
-        slot = lax.rem(j, jnp.array(stages, j.dtype))
-        plgpu.barrier_wait(do_free.at[slot])
-        issue_do(j, slot)
-        plgpu.barrier_wait(q_free.at[slot])
-        issue_q(j, slot)
-        return _
-
-      lax.fori_loop(stages, steps, refill, None)
-
-      # Observe the last releases too, so every barrier phase is waited on before exit.
-      def drain(j, _):
-        slot = lax.rem(j, jnp.array(stages, j.dtype))
-        plgpu.barrier_wait(q_free.at[slot])
-        plgpu.barrier_wait(do_free.at[slot])
-        return _
-
-      lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+      _stream(steps, stages, (issue_q, q_free), (issue_do, do_free))
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
