@@ -192,8 +192,14 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   return p.heads_last(out, p.nq, q.dtype), lse[:, :, :p.nq, 0]
 
 
-def _forward_padded(p, scale, spec, interpret):
-  bq, bk, d, rep, nqb, nkb, h = p.bq, p.bk, p.d, p.rep, p.nqb, p.nkb, p.h
+def _query_major_specs(p):
+  """Block specs of the grids (B, H, q-block, k-block) (forward and dq kernels).
+
+  Returns (q_spec, row_spec, kv_spec, tq_spec, tk_spec): Q-side [bq, D] and [bq, 1] blocks of
+  the grid's query block; K/V and key times with the k-block index clamped to the range the
+  query block needs, so skipped blocks re-use the block already in VMEM (no DMA).
+  """
+  bq, bk, d, rep, nqb, h = p.bq, p.bk, p.d, p.rep, p.nqb, p.h
 
   def kv_index(b, hh, i, j, *t):
     t = _unpack(t)
@@ -204,10 +210,16 @@ def _forward_padded(p, scale, spec, interpret):
     return (b, 0, _clamp(j, t["kv_lo"], t["kv_hi"], (b * h + hh) * nqb + i))
 
   q_spec = pl.BlockSpec((None, None, bq, d), lambda b, hh, i, j, *t: (b, hh, i, 0))
+  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, hh, i, j, *t: (b, hh, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, d), kv_index)
   tq_spec = pl.BlockSpec((None, bq, 1), lambda b, hh, i, j, *t: (b, i, 0))
   tk_spec = pl.BlockSpec((None, 1, bk), tk_index)
-  lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b, hh, i, j, *t: (b, hh, i, 0))
+  return q_spec, row_spec, kv_spec, tq_spec, tk_spec
+
+
+def _forward_padded(p, scale, spec, interpret):
+  bq, d, nqb, nkb, h = p.bq, p.d, p.nqb, p.nkb, p.h
+  q_spec, lse_spec, kv_spec, tq_spec, tk_spec = _query_major_specs(p)
   kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, precision=p.precision,
                              nqb=nqb, nkb=nkb, h_total=h)
   return pl.pallas_call(
@@ -325,19 +337,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   interp = _interpret_arg(interpret)
 
   # dq (+ dσ partials): grid (B, H, nqb, nkb), K/V index clamped to the needed range.
-  def kv_index(b, hh, i, j, *t):
-    t = _unpack(t)
-    return (b, hh // rep, _clamp(j, t["kv_lo"], t["kv_hi"], (b * h + hh) * nqb + i), 0)
-
-  def tk_index(b, hh, i, j, *t):
-    t = _unpack(t)
-    return (b, 0, _clamp(j, t["kv_lo"], t["kv_hi"], (b * h + hh) * nqb + i))
-
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda b, hh, i, j, *t: (b, hh, i, 0))
-  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, hh, i, j, *t: (b, hh, i, 0))
-  tq_spec = pl.BlockSpec((None, bq, 1), lambda b, hh, i, j, *t: (b, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, d), kv_index)
-  tk_spec = pl.BlockSpec((None, 1, bk), tk_index)
+  q_spec, row_spec, kv_spec, tq_spec, tk_spec = _query_major_specs(p)
   dsig_spec = pl.BlockSpec((None, None, None, 8, 128), lambda b, hh, i, j, *t: (b, hh, i, 0, 0))
   dq, dsig_part = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, scale=scale, precision=p.precision, nqb=nqb,
