@@ -13,8 +13,10 @@ Design (see docs/notes/attention_gpu.md for measurements):
   the next K tile is issued while the P·V product runs.
 * The Gaussian term is folded into per-position vectors: with g_h = sqrt(log2(e) / (2σ_h²)),
   ``(t_q − t_k)²·log2(e)/(2σ_h²) = (g_h·t_q − g_h·t_k)²``, so the kernel needs one float per
-  query row and one per key column and never sees σ; logits live in the log2 domain
-  (``q·k·scale·log2(e) − d²``).
+  query row and one per key column and never sees σ. The backward kernels work with logits
+  in the log2 domain (``q·k·c − d²``, c = scale·log2(e)). The forward divides the coordinates
+  by sqrt(c) instead, so its logits stay in q·k units (``q·k − d'²``: no multiply by the scale)
+  and ``exp2(c·s − c·m)`` is one fused multiply-add per logit, as in FlashAttention.
 * Skipping: block codes from :func:`common.block_codes` (per CTA query tile × key block) are
   turned into a per-tile list of key blocks, partially visible blocks first, then fully visible
   ones; skipped blocks are absent. The kernel runs a masked loop over the first part and an
@@ -142,7 +144,8 @@ def _pad_rows(x, n_to):
 class _Prep:
   """Everything both passes derive from the arguments (shapes are static)."""
 
-  def __init__(self, q, k, t_q, t_k, sigma, scale, spec, q_seg, kv_seg, *, q_mult, k_mult):
+  def __init__(self, q, k, t_q, t_k, sigma, scale, spec, q_seg, kv_seg, *, q_mult, k_mult,
+               qk_units=False):
     self.b, self.nq, self.h, self.d = q.shape
     self.nk, self.hkv = k.shape[1], k.shape[2]
     if self.h % self.hkv:
@@ -159,8 +162,10 @@ class _Prep:
     tq, tk, qs, ks = common.pad_inputs(t_q, t_k, q_seg, kv_seg, self.nq_p, self.nk_p)
     self.tq, self.tk, self.qs, self.ks = tq, tk, qs, ks
     self.inv = common.inv_two_sigma_sq(sigma)  # [H]
-    # Gaussian coordinate: (g·t_q − g·t_k)² is the Gaussian term in log2 units.
-    g = jnp.sqrt(self.inv * LOG2E)
+    self.scale_log2 = float(scale) * LOG2E
+    # Gaussian coordinate: (g·t_q − g·t_k)² is the Gaussian term in log2 units, or in q·k
+    # units (divided by scale·log2 e) for the forward kernel.
+    g = jnp.sqrt(self.inv * (LOG2E / self.scale_log2 if qk_units else LOG2E))
     # A common reference time for both sides keeps g·t small without changing differences.
     t0 = jnp.minimum(tq[:, :1], tk[:, :1])
     self.qvec = position_vectors(tq, qs, g, spec, keys=False)
@@ -169,7 +174,6 @@ class _Prep:
     self.qvec = self.qvec.at[:, :, 0].add(shift)
     shift_k = (g[None, :] * (tk[:, :1] - t0))[:, :, None]
     self.kvec = self.kvec.at[:, :, 0].add(shift_k)
-    self.scale_log2 = float(scale) * LOG2E
 
   def codes(self, q_block, k_block):
     """[B, Hc, nq_p/q_block, nk_p/k_block]; Hc = H with band skipping, else 1."""
@@ -444,14 +448,17 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
             krow = [_load(kv_smem.at[slot, 0], col_l, interpret)]
           plgpu.barrier_arrive(k_free.at[slot])
           dg = bc_q(qrow["g"]) - bc_k(krow[0])
-          s = s * scale_log2 - dg * dg
+          s = s - dg * dg  # q·k units: the scale is applied inside exp2's argument
           if masked:
             rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
             rk = {nm: functools.partial(bc_k, krow[r + 1]) for r, nm in enumerate(names[1:])}
             s = _apply_mask(s, rq, rk, spec)
           m_new = jnp.maximum(m, s.max(axis=1))
-          alpha = jnp.exp2(m - m_new)
-          p = jnp.exp2(s - bc_q(m_new))
+          m_c = m_new * scale_log2
+          # (m − m_new)·c, not m·c − m_c: a contracted fma of the latter leaves the rounding
+          # error of m·c, which is huge while m is still _M_INIT.
+          alpha = jnp.exp2((m - m_new) * scale_log2)
+          p = jnp.exp2(s * scale_log2 - bc_q(m_c))  # one fused multiply-add per logit
           acc = acc * lax.broadcast_in_dim(alpha, (block_q, d), [0])
           l = l * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
@@ -482,7 +489,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         q0 = ti * tile_q + wg * block_q
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous lse store
         q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, (block_q, d), [0])).astype(dtype)
-        lse_smem2.at[wg][...] = m + jnp.log(l) * (1.0 / LN2)
+        lse_smem2.at[wg][...] = m * scale_log2 + jnp.log(l) * (1.0 / LN2)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(q0, block_q), hi])
         plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[bi, hi, pl.ds(q0, block_q)])
@@ -564,9 +571,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 # ----------------------------------------------------------------------------------------------
 
 
-def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-             block_kv, num_stages, head_codes, interpret):
-  """dQ (unscaled: Σ_j dS_ij k_j) and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
+def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
+             block_q, block_kv, num_stages, head_codes, interpret):
+  """dQ = scale·Σ_j dS_ij k_j and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
 
   qvec rows: [lse2, delta, g, masks...]. pen̄ lets the dK/dV kernel form dσ without the
   cancellation of Σ_j dS_ij = 0 (see :func:`_dkv_call`).
@@ -645,7 +652,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
                _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l))
       carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
       dq_acc, pbar = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), carry)
-      q_smem[...] = dq_acc.astype(dtype)
+      q_smem[...] = (dq_acc * scale).astype(dtype)
       pbar_smem2.at[wg][...] = pbar
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, pl.ds(q0, block_q), hi])
@@ -701,9 +708,9 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec
   return kernel(q, k, v, do, qvec, kvec, order, n_part, n_full)
 
 
-def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret):
-  """dK, dV per query head (dK unscaled) and dσ partials per key (log2 units).
+def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
+              block_q, block_kv, num_stages, head_codes, interpret):
+  """dK (times the scale), dV per query head and dσ partials per key (log2 units).
 
   The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
   (Σ_j P_ij (pen_ij − pen̄_i) = 0 removes delta) but does not inherit the error of delta
@@ -794,7 +801,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale_log2, spe
       carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
       dk_acc, dv_acc, part = lax.fori_loop(n_p, steps, functools.partial(step, masked=False),
                                            carry)
-      k_smem[...] = dk_acc.astype(dtype)
+      k_smem[...] = (dk_acc * scale).astype(dtype)
       v_smem[...] = dv_acc.astype(dtype)
       part_smem2.at[wg][...] = part
       plgpu.commit_smem()
@@ -889,7 +896,7 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   cfg = _blocks(block_sizes, q.shape[-1], interpret)
   q_mult, k_mult = _multiples(cfg)
   prep = _Prep(q, k, t_q, t_k, sigma, scale, spec, q_segment_ids, kv_segment_ids,
-               q_mult=q_mult, k_mult=k_mult)
+               q_mult=q_mult, k_mult=k_mult, qk_units=True)
   codes = prep.codes(2 * cfg["block_q"], cfg["block_kv"])
   order, n_part, n_full = block_lists(codes)
   qp = _pad_rows(q, prep.nq_p)
@@ -921,7 +928,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   qvec_b = jnp.concatenate([lse2[:, :, None], delta[:, :, None], prep.qvec], axis=2)
   qp, dop = _pad_rows(q, prep.nq_p), _pad_rows(dout.astype(q.dtype), prep.nq_p)
   kp, vp = _pad_rows(k, prep.nk_p), _pad_rows(v, prep.nk_p)
-  kw = dict(scale_log2=prep.scale_log2, spec=spec, interpret=interpret)
+  kw = dict(scale=float(scale), scale_log2=prep.scale_log2, spec=spec, interpret=interpret)
 
   codes_q = prep.codes(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
   order, n_part, n_full = block_lists(codes_q)
@@ -936,13 +943,12 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
                            block_q=cfg["block_q_dkv"], block_kv=cfg["block_kv_dkv"],
                            num_stages=cfg["num_stages_bwd"],
                            head_codes=codes_k.shape[1] > 1, **kw)
-  dq = (dq[:, :nq].astype(jnp.float32) * scale).astype(q.dtype)
-  dk = dk[:, :nk].astype(jnp.float32) * scale
-  dv = dv[:, :nk].astype(jnp.float32)
+  # The kernels applied the scale to dQ and dK in fp32: no extra pass (nor rounding) here.
+  dq, dk, dv = dq[:, :nq], dk[:, :nk], dv[:, :nk]
   rep = h // prep.hkv
   if rep > 1:
-    dk = dk.reshape(b, nk, prep.hkv, rep, prep.d).sum(axis=3)
-    dv = dv.reshape(b, nk, prep.hkv, rep, prep.d).sum(axis=3)
+    dk = dk.astype(jnp.float32).reshape(b, nk, prep.hkv, rep, prep.d).sum(axis=3)
+    dv = dv.astype(jnp.float32).reshape(b, nk, prep.hkv, rep, prep.d).sum(axis=3)
   # The kernel's pen is in log2 units: pen_log2 = pen·log2(e).
   dsig_partial = jnp.sum(part[:, :, :nk], axis=(0, 2)) * (1.0 / LOG2E)
   dsigma = common.dsigma_from_partial(dsig_partial, sigma)
