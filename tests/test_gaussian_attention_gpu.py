@@ -155,14 +155,16 @@ def test_lse_and_empty_rows():
   assert np.all(np.isfinite(out[:, 50:]))
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_band_skipping_matches_dense_and_skips(d):
-  """bias_cutoff drops far blocks; with a generous cutoff the result equals the dense one."""
-  b, n, h = 1, 2048, 2
+@pytest.mark.parametrize("d,h,hkv", [(64, 2, 2), (128, 2, 2), (128, 4, 1)])
+def test_band_skipping_matches_dense_and_skips(d, h, hkv):
+  """bias_cutoff drops far blocks; with a generous cutoff the result equals the dense one.
+  With grouped heads of different widths each query head has its own block list."""
+  b, n = 1, 2048
   rng = np.random.default_rng(5)
-  q, k, v, do = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.bfloat16) for _ in range(4))
+  q, do = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.bfloat16) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((b, n, hkv, d)), jnp.bfloat16) for _ in range(2))
   t = jnp.asarray(np.arange(n)[None] / 25.0, F32)
-  sigma = jnp.asarray([0.04, 0.08], F32)
+  sigma = jnp.asarray([0.04, 0.08, 0.5, 0.2][:h], F32)
   skipped, total = common.count_skipped_blocks(t, t, sigma, spec=common.MaskSpec(bias_cutoff=30.0),
                                                block_q=128, block_k=128)
   assert skipped > 0.7 * total

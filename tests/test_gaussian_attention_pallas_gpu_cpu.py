@@ -125,3 +125,53 @@ def test_interpret_persistent_forward_with_empty_items():
         q_segment_ids=qs, kv_segment_ids=ks)
   keep = q_ids != 5
   assert _rel(out[keep], np.asarray(ref)[keep]) < 1e-2
+
+
+def test_interpret_grouped_heads_with_per_head_band_lists():
+  """Grouped heads (2 query heads per K/V head) with band skipping: each query head skips
+  different blocks, so the dK/dV kernel's list over (head, query block) pairs differs per head,
+  and dK/dV are summed over the group inside the kernel."""
+  b, nq, nk, h, hkv, d = 1, 256, 256, 2, 1, 64
+  q, k, v, do, _, _ = _inputs(6, b, nq, nk, h, hkv, d)
+  tq = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.float32) / 25, (b, nq))
+  tk = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.float32) / 25, (b, nk))
+  sigma = jnp.asarray([0.04, 3.0], jnp.float32)
+  spec = common.MaskSpec(bias_cutoff=20.0)
+  qs, ks = common.normalise_segment_ids(None, None, b, nq, nk)
+
+  # The grouped list: entries r·n_qb + qb, partially visible pairs first, every head's own
+  # blocks only; the narrow head 0 skips query blocks the wide head 1 keeps.
+  cfg = pallas_gpu._blocks({}, d, interpret=True)
+  prep = pallas_gpu._Prep(q, k, tq, tk, sigma, d ** -0.5, spec, qs, ks,
+                          q_mult=64, k_mult=128)
+  codes = np.asarray(jnp.swapaxes(prep.codes(cfg["block_q_dkv"], 2 * cfg["block_kv_dkv"]), 2, 3))
+  grouped = pallas_gpu._grouped_lists(jnp.asarray(codes), h, h // hkv)
+  order, n_p, n_f = (np.asarray(x) for x in pallas_gpu.block_lists(grouped))
+  n_qb = codes.shape[-1]
+  for t in range(codes.shape[2]):
+    listed = [divmod(int(e), n_qb) for e in order[0, 0, t, :n_p[0, 0, t] + n_f[0, 0, t]]]
+    want = [(r, qb) for r in range(h) for qb in range(n_qb)
+            if codes[0, r, t, qb] != common.SKIP]
+    assert sorted(listed) == sorted(want)
+    kept = {r: sum(1 for rr, _ in listed if rr == r) for r in range(h)}
+    assert kept[0] < kept[1]
+
+  kw = dict(scale=d ** -0.5, spec=spec, q_segment_ids=qs, kv_segment_ids=ks, interpret=True)
+  out, lse = pallas_gpu.forward(q, k, v, tq, tk, sigma, **kw)
+  dq, dk, dv, dsig = pallas_gpu.backward(q, k, v, tq, tk, sigma, out, lse, do, **kw)
+  assert dk.shape == k.shape and dv.shape == v.shape
+  with jax.enable_x64(True):
+    c = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    dense = common.MaskSpec()
+
+    def loss(q, k, v, sigma):
+      o = reference.gaussian_attention_segments(
+          q, k, v, c(tq), c(tk), sigma, scale=d ** -0.5, spec=dense, q_segment_ids=qs,
+          kv_segment_ids=ks)
+      return jnp.sum(o * c(do)), o
+
+    (_, ref_out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+        c(q), c(k), c(v), c(sigma))
+  assert _rel(out, ref_out) < 1e-2
+  for name, got, want in zip(("dq", "dk", "dv", "dsigma"), (dq, dk, dv, dsig), grads):
+    assert _rel(got, want) < 2e-2, name

@@ -25,7 +25,8 @@ Design (see docs/notes/attention_gpu.md for measurements):
   (CTA owns 2·block_kv keys, streams query blocks) and dQ (CTA owns 2·block_q queries, streams
   key blocks). Independent products are issued in pairs with one wait (Sᵀ and dPᵀ, then dV
   and dK; S and dP). No atomics: dσ partial sums are written per (batch, head, key row) and
-  summed outside. For grouped heads dK/dV are written per query head and summed outside.
+  summed outside. For grouped heads a dK/dV CTA streams the query blocks of every query head
+  of its K/V head, so dK/dV are summed over the group in its fp32 accumulators.
 
 All block sizes are multiples of 64 (wgmma/TMA tiling); sequence lengths are padded up outside
 the kernels (padded keys get segment id −1, so they are masked; padded query rows are dropped).
@@ -132,6 +133,14 @@ def block_lists(codes):
   n_partial = jnp.sum(codes == common.PARTIAL, axis=-1).astype(jnp.int32)
   n_full = jnp.sum(codes == common.FULL, axis=-1).astype(jnp.int32)
   return order, n_partial, n_full
+
+
+def _grouped_lists(codes, h, rep):
+  """Per-head codes [B, Hc, nT, nB] → per-K/V-head codes [B, H/rep, nT, rep·nB] over
+  (query head r, block) pairs, entry r·nB + block (Hc = 1: every head has the same codes)."""
+  b, _, n_t, n_b = codes.shape
+  codes = jnp.broadcast_to(codes, (b, h, n_t, n_b)).reshape(b, h // rep, rep, n_t, n_b)
+  return jnp.swapaxes(codes, 2, 3).reshape(b, h // rep, n_t, rep * n_b)
 
 
 def _pad_rows(x, n_to):
@@ -710,14 +719,20 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
 
 def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
               block_q, block_kv, num_stages, head_codes, interpret):
-  """dK (times the scale), dV per query head and dσ partials per key (log2 units).
+  """dK (times the scale), dV and dσ partials per key (log2 units).
 
   The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
   (Σ_j P_ij (pen_ij − pen̄_i) = 0 removes delta) but does not inherit the error of delta
   computed from the rounded output, which Σ dS·pen, a sum with heavy cancellation, amplifies.
 
   qvec rows: [lse2, delta, pen̄, g, masks...]; kvec rows: [g, masks...]. Returns
-  dk, dv [B, Nk, H, D] and part [B, H, Nk] float32.
+  dk, dv [B, Nk, Hkv, D] and part [B, H, Nk] float32.
+
+  Grouped heads (H = rep·Hkv, rep > 1): a CTA owns keys of one K/V head and streams the query
+  blocks of all rep query heads of its group, so dK/dV are summed over the group in the fp32
+  accumulators. The block list then runs over (head, query block) pairs, entry r·n_qb + qb
+  (see :func:`_grouped_lists`); the per-key vectors of the rep heads sit in shared memory and
+  the rep dσ partials are kept in registers.
   """
   pl, plgpu = _plgpu()
   b, nq, h, d = q.shape
@@ -727,24 +742,39 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
   nkr = kvec.shape[2]
   tile_k = 2 * block_kv
   n_tiles = nk // tile_k
+  n_qb = nq // block_q
   dtype = q.dtype
   stages = num_stages
   row_l = plgpu.Layout.WGMMA.reduce(1)
   col_l = plgpu.Layout.WGMMA.reduce(0)
   names = ("g",) + _mask_rows(spec)
+  grouped = rep > 1
 
   def body(q_ref, k_ref, v_ref, do_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref,
            dk_ref, dv_ref, part_ref,
            k_smem2, v_smem2, kv_smem2, part_smem2, q_smem, do_smem, qv_smem,
            k_bar, v_bar, kv_bar, q_bar, do_bar, qv_bar, q_free, do_free):
     bi = lax.axis_index("b")
-    hi = lax.axis_index("h")
+    hi = lax.axis_index("h")  # with grouped heads: the K/V head
     ti = lax.axis_index("t")
     wg = lax.axis_index("wg")
-    hc = hi if head_codes else 0
-    n_p = np_ref[bi, hc, ti]
-    steps = n_p + nf_ref[bi, hc, ti]
-    hk = lax.div(hi, jnp.array(rep, hi.dtype))
+    if grouped:  # lists are per K/V head
+      hk, hi, hc = hi, None, None
+      n_p = np_ref[bi, hk, ti]
+      steps = n_p + nf_ref[bi, hk, ti]
+    else:
+      hc = hi if head_codes else 0
+      n_p = np_ref[bi, hc, ti]
+      steps = n_p + nf_ref[bi, hc, ti]
+      hk = lax.div(hi, jnp.array(rep, hi.dtype))
+
+    def entry(j):
+      """Step j's (query head, query block, head within the group r or None)."""
+      if not grouped:
+        return hi, ord_ref[bi, hc, ti, j], None
+      e = ord_ref[bi, hk, ti, j]
+      r = lax.div(e, jnp.array(n_qb, e.dtype))
+      return hk * rep + r, lax.rem(e, jnp.array(n_qb, e.dtype)), r
 
     @pl.when(wg < 2)
     def _compute():
@@ -754,11 +784,15 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
       rows = pl.ds(k0, block_kv)
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hk], k_smem, k_bar.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hk], v_smem, v_bar.at[wg])
-      plgpu.copy_gmem_to_smem(kv_ref.at[bi, hi, :, rows], kv_smem2.at[wg], kv_bar.at[wg])
+      heads = pl.ds(hk * rep, rep) if grouped else hi
+      plgpu.copy_gmem_to_smem(kv_ref.at[bi, heads, :, rows], kv_smem2.at[wg], kv_bar.at[wg])
       plgpu.barrier_wait(k_bar.at[wg])
       plgpu.barrier_wait(v_bar.at[wg])
       plgpu.barrier_wait(kv_bar.at[wg])
-      krow = {nm: _load(kv_smem2.at[wg, i], row_l, interpret) for i, nm in enumerate(names)}
+      load_krow = lambda idx, n=len(names): {nm: _load(kv_smem2.at[idx + (i,)], row_l, interpret)
+                                             for i, nm in enumerate(names[:n])}
+      if not grouped:
+        krow = load_krow((wg,))
       shape = (block_kv, block_q)
       bc_k = lambda x: lax.broadcast_in_dim(x, shape, [0])
       bc_q = lambda x: lax.broadcast_in_dim(x, shape, [1])
@@ -766,6 +800,11 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
       def step(j, carry, masked):
         dk_acc, dv_acc, part = carry
         slot = lax.rem(j, jnp.array(stages, j.dtype))
+        if grouped:  # this step's query head: its key vectors, its dσ partial
+          r = entry(j)[2]
+          kr = load_krow((wg, r), len(names) if masked else 1)
+        else:
+          kr = krow
         plgpu.barrier_wait(q_bar.at[slot])
         plgpu.barrier_wait(do_bar.at[slot])
         # Sᵀ and dPᵀ are independent: issue both, wait once.
@@ -777,15 +816,19 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
         pbar = _load(qv_smem.at[slot, 2], col_l, interpret)
         n_load = len(names) if masked else 1
         qrow = [_load(qv_smem.at[slot, i + 3], col_l, interpret) for i in range(n_load)]
-        dg = bc_q(qrow[0]) - bc_k(krow["g"])
+        dg = bc_q(qrow[0]) - bc_k(kr["g"])
         pen = dg * dg
         st = st * scale_log2 - pen
         if masked:
           rq = {nm: functools.partial(bc_q, qrow[i + 1]) for i, nm in enumerate(names[1:])}
-          rk = {nm: functools.partial(bc_k, krow[nm]) for nm in names[1:]}
+          rk = {nm: functools.partial(bc_k, kr[nm]) for nm in names[1:]}
           st = _apply_mask(st, rq, rk, spec)
         pt = jnp.exp2(st - bc_q(lse))
-        part = part + (pt * dpt * (pen - bc_q(pbar))).sum(axis=1)
+        term = (pt * dpt * (pen - bc_q(pbar))).sum(axis=1)
+        if grouped:
+          part = tuple(x + term * (r == i).astype(jnp.float32) for i, x in enumerate(part))
+        else:
+          part = part + term
         dst = pt * (dpt - bc_q(delta))
         dv_acc, dk_acc = _mma_group([(dv_acc, pt.astype(dtype), do_smem.at[slot], False),
                                      (dk_acc, dst.astype(dtype), q_smem.at[slot], False)],
@@ -796,18 +839,23 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
 
       zeros = lambda: _cast(interpret, jnp.zeros((block_kv, d), jnp.float32),
                                         plgpu.Layout.WGMMA)
-      part = _cast(interpret, jnp.zeros((block_kv,), jnp.float32), row_l)
+      zero_part = lambda: _cast(interpret, jnp.zeros((block_kv,), jnp.float32), row_l)
+      part = tuple(zero_part() for _ in range(rep)) if grouped else zero_part()
       carry = (zeros(), zeros(), part)
       carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
       dk_acc, dv_acc, part = lax.fori_loop(n_p, steps, functools.partial(step, masked=False),
                                            carry)
       k_smem[...] = (dk_acc * scale).astype(dtype)
       v_smem[...] = dv_acc.astype(dtype)
-      part_smem2.at[wg][...] = part
+      if grouped:
+        for i, x in enumerate(part):
+          part_smem2.at[wg, i][...] = x
+      else:
+        part_smem2.at[wg][...] = part
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, hi])
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, hi])
-      plgpu.copy_smem_to_gmem(part_smem2.at[wg], part_ref.at[bi, hi, rows])
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, hk if grouped else hi])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, hk if grouped else hi])
+      plgpu.copy_smem_to_gmem(part_smem2.at[wg], part_ref.at[bi, heads, rows])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -815,15 +863,15 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
       plgpu.set_max_registers(40, action="decrease")
 
       def issue_q(j, slot):
-        qb = ord_ref[bi, hc, ti, j]
+        hq, qb, _ = entry(j)
         rows = pl.ds(qb * block_q, block_q)
-        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(qv_ref.at[bi, hi, :, rows], qv_smem.at[slot], qv_bar.at[slot])
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hq], q_smem.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(qv_ref.at[bi, hq, :, rows], qv_smem.at[slot], qv_bar.at[slot])
 
       def issue_do(j, slot):
-        qb = ord_ref[bi, hc, ti, j]
+        hq, qb, _ = entry(j)
         rows = pl.ds(qb * block_q, block_q)
-        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[slot], do_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hq], do_smem.at[slot], do_bar.at[slot])
 
       _stream(steps, stages, (issue_q, q_free), (issue_do, do_free))
 
@@ -832,8 +880,8 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
   scratch = [
       plgpu.SMEM((2, block_kv, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((2, block_kv, d), dtype, transforms=(tiling, swizzle)),
-      plgpu.SMEM((2, nkr, block_kv), jnp.float32),
-      plgpu.SMEM((2, block_kv), jnp.float32),
+      plgpu.SMEM((2,) + ((rep,) if grouped else ()) + (nkr, block_kv), jnp.float32),
+      plgpu.SMEM((2,) + ((rep,) if grouped else ()) + (block_kv,), jnp.float32),
       plgpu.SMEM((stages, block_q, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((stages, block_q, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((stages, nqr, block_q), jnp.float32),
@@ -846,12 +894,12 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
   ]
-  out_type = [jax.ShapeDtypeStruct((b, nk, h, d), dtype),
-              jax.ShapeDtypeStruct((b, nk, h, d), dtype),
+  out_type = [jax.ShapeDtypeStruct((b, nk, hkv, d), dtype),
+              jax.ShapeDtypeStruct((b, nk, hkv, d), dtype),
               jax.ShapeDtypeStruct((b, h, nk), jnp.float32)]
   kernel = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch,
-      grid=(h, n_tiles, b), grid_names=("h", "t", "b"),
+      grid=(hkv, n_tiles, b), grid_names=("h", "t", "b"),
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret))
@@ -936,19 +984,17 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
                 block_q=cfg["block_q_dq"], block_kv=cfg["block_kv_dq"],
                 num_stages=cfg["num_stages_bwd"], head_codes=codes_q.shape[1] > 1, **kw)
 
-  codes_k = prep.codes(cfg["block_q_dkv"], 2 * cfg["block_kv_dkv"])
-  order, n_part, n_full = block_lists(jnp.swapaxes(codes_k, 2, 3))
+  codes_k = jnp.swapaxes(prep.codes(cfg["block_q_dkv"], 2 * cfg["block_kv_dkv"]), 2, 3)
+  rep = h // prep.hkv
+  order, n_part, n_full = block_lists(_grouped_lists(codes_k, h, rep) if rep > 1 else codes_k)
   qvec_k = jnp.concatenate([qvec_b[:, :, :2], pbar[:, :, None], prep.qvec], axis=2)
   dk, dv, part = _dkv_call(qp, kp, vp, dop, qvec_k, prep.kvec, order, n_part, n_full,
                            block_q=cfg["block_q_dkv"], block_kv=cfg["block_kv_dkv"],
                            num_stages=cfg["num_stages_bwd"],
                            head_codes=codes_k.shape[1] > 1, **kw)
+  # dK/dV come out per K/V head: grouped heads were summed in the kernel's fp32 accumulators.
   # The kernels applied the scale to dQ and dK in fp32: no extra pass (nor rounding) here.
   dq, dk, dv = dq[:, :nq], dk[:, :nk], dv[:, :nk]
-  rep = h // prep.hkv
-  if rep > 1:
-    dk = dk.astype(jnp.float32).reshape(b, nk, prep.hkv, rep, prep.d).sum(axis=3)
-    dv = dv.astype(jnp.float32).reshape(b, nk, prep.hkv, rep, prep.d).sum(axis=3)
   # The kernel's pen is in log2 units: pen_log2 = pen·log2(e).
   dsig_partial = jnp.sum(part[:, :, :nk], axis=(0, 2)) * (1.0 / LOG2E)
   dsigma = common.dsigma_from_partial(dsig_partial, sigma)
