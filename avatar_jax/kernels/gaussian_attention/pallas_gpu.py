@@ -316,15 +316,21 @@ def _stream(steps, stages, first, second):
     return _
 
   lax.fori_loop(stages, steps, refill, None)
+  _drain(steps, stages, free_a, free_b)
 
-  # Observe the last releases too, so every barrier phase is waited on before exit.
+
+def _drain(total, stages, free_a, free_b):
+  """Waits for the releases of the ring's last `stages` uses (of `total`), so every barrier
+  phase is observed before the memory warpgroup exits."""
+  _, plgpu = _plgpu()
+
   def drain(j, _):
     slot = lax.rem(j, jnp.array(stages, j.dtype))
     plgpu.barrier_wait(free_a.at[slot])
     plgpu.barrier_wait(free_b.at[slot])
     return _
 
-  lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+  lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
 
 
 def _apply_mask(s, rows_q, rows_k, spec):
@@ -536,15 +542,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         return g0 + steps
 
       total = lax.fori_loop(0, my_items, item_body, jnp.int32(0))
-
-      # Observe the last releases too, so every barrier phase is waited on before exit.
-      def drain(g, _):
-        slot = lax.rem(g, jnp.array(stages, g.dtype))
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        return _
-
-      lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
+      _drain(total, stages, k_free, v_free)
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
