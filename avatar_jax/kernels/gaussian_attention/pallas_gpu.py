@@ -8,9 +8,10 @@ Design (see docs/notes/attention_gpu.md for measurements):
   A CTA = 3 warpgroups. Warpgroups 0 and 1 each own ``block_q`` query rows of the item (a
   tile is ``2·block_q`` rows); warpgroup 2 only issues TMA copies of K, V and the per-key
   vectors into a ``num_stages``-deep shared-memory ring that runs across items. Q·Kᵀ and P·V run on wgmma with fp32
-  accumulators; the two compute warpgroups alternate tensor-core and softmax phases through a
-  shared "schedule" barrier so one's exponentials overlap the other's matmuls; the wait for
-  the next K tile is issued while the P·V product runs.
+  accumulators; the two compute warpgroups take turns on the tensor cores through two hardware
+  named barriers (each waits on its own before P·V and signals the other's after issuing
+  Q·Kᵀ), so one's exponentials overlap the other's matmuls; the wait for the next K tile is
+  issued while the P·V product runs.
 * The Gaussian term is folded into per-position vectors: with g_h = sqrt(log2(e) / (2σ_h²)),
   ``(t_q − t_k)²·log2(e)/(2σ_h²) = (g_h·t_q − g_h·t_k)²``, so the kernel needs one float per
   query row and one per key column and never sees σ. The backward kernels work with logits
@@ -53,9 +54,14 @@ LN2 = math.log(2.0)
 _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees inf − inf.
 
 # fence: 1 puts an optimization barrier between the forward softmax and the P·V hand-off.
+# sched: how the forward's two compute warpgroups take turns on the tensor cores. 1: two
+# hardware named barriers, each warpgroup waiting on its own and signalling the other's after
+# issuing Q·Kᵀ (FlashAttention-3's ping-pong: a warpgroup is held only until the other has
+# issued, never until it has finished); 0: one shared mbarrier both arrive at and wait on
+# (lockstep phases; also what the CPU interpreter runs, having no hardware barriers).
 # Defaults measured on an H200 (docs/notes/attention_gpu.md, run 3); head dims <= 64 use taller
 # query tiles (fewer CTAs, whose fill/drain is otherwise exposed when Nk is short).
-_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, fence=0,
+_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, fence=0, sched=1,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
@@ -80,6 +86,45 @@ def _interpret_params(interpret):
 # ----------------------------------------------------------------------------------------------
 # Host-side (XLA) preparation: padding, per-position vectors, block lists.
 # ----------------------------------------------------------------------------------------------
+
+
+_SCHED_BAR = 8  # hardware barriers 8 and 9; Mosaic GPU itself uses the low ids
+
+
+def _named_barrier(op, bar_id, n_threads):
+  """``bar.sync`` / ``bar.arrive`` on hardware barrier ``bar_id`` (a warpgroup-uniform int32).
+
+  Cheaper than an mbarrier (no shared-memory atomics, no polling loop), and ``arrive`` does
+  not block, which is what lets the forward's warpgroups hand turns over one way.
+  """
+  _, plgpu = _plgpu()
+  from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
+  from jax._src.lib.mlir.dialects import llvm  # pylint: disable=g-import-not-at-top
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
+  def emit(_, bar):
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [bar.registers[()]],
+                    f"bar.{op} $0, {n_threads};", "r", has_side_effects=True)
+
+  emit(jnp.asarray(bar_id, jnp.int32))
+
+
+def _turns(wg, on):
+  """(give, take, begin, end): two compute warpgroups taking turns on the tensor cores.
+
+  take() before a warpgroup's turn waits until the other one has called give(), i.e. has
+  issued its own products; give() does not block. The loops give after their first product
+  and take before their second (G T G T ...), so begin() makes warpgroup 1 take once more
+  before its loop (warpgroup 0 goes first) and end() makes warpgroup 0 give once more after
+  its loop, which balances the counts whatever the step counts. ``on`` false: no-ops.
+  """
+  noop = lambda: None
+  if not on:
+    return noop, noop, noop, noop
+  pl, _ = _plgpu()
+  give = lambda: _named_barrier("arrive", _SCHED_BAR + 1 - wg, 256)
+  take = lambda: _named_barrier("sync", _SCHED_BAR + wg, 256)
+  return give, take, lambda: pl.when(wg == 1)(take), lambda: pl.when(wg == 0)(give)
 
 
 def _mask_rows(spec: common.MaskSpec):
@@ -370,7 +415,7 @@ def _num_ctas(n_items, interpret):
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret, fence=0):
+              block_kv, num_stages, head_codes, interpret, fence=0, sched=1):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
   Item i = h + H·(tile + n_tiles·b), so CTAs running at the same time share K/V in L2 as in a
@@ -396,7 +441,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
   def body(q_ref, k_ref, v_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, o_ref, lse_ref,
            qo_smem, qv_smem, lse_smem2, k_smem, v_smem, kv_smem,
-           q_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free, sched):
+           q_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free, sched_bar):
     cta = lax.axis_index("c")
     wg = lax.axis_index("wg")
     # Items of this CTA: cta, cta + n_ctas, ...
@@ -412,9 +457,16 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
       n_p = np_ref[bi, hc, ti]
       return bi, hi, ti, hc, n_p, n_p + nf_ref[bi, hc, ti]
 
+    named = sched == 1 and not interpret  # the interpreter has no hardware barriers
+
     def sched_barrier():
-      plgpu.barrier_arrive(sched)
-      plgpu.barrier_wait(sched)
+      plgpu.barrier_arrive(sched_bar)
+      plgpu.barrier_wait(sched_bar)
+
+    give, take, begin, end = _turns(wg, named)
+
+    def turn_given():  # after issuing Q·Kᵀ: the other warpgroup may issue its products
+      (give if named else sched_barrier)()
 
     @pl.when(wg < 2)
     def _compute():
@@ -454,8 +506,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           acc, m, l = carry
           slot = lax.rem(g0 + j, jnp.array(stages, j.dtype))
           # This step's K was waited for while the previous P·V ran (or below, at j = 0).
-          s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret,
-                  after_issue=sched_barrier)
+          s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret, after_issue=turn_given)
           plgpu.barrier_wait(kv_bar.at[slot])
           if masked:
             krow = [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(nr)]
@@ -480,9 +531,13 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           if fence and not interpret:
             # Keeps the compiler from sinking the softmax tail past the hand-off below.
             acc, m_new, l, p16 = lax.optimization_barrier((acc, m_new, l, p16))
-          plgpu.barrier_arrive(sched)
-          plgpu.barrier_wait(v_bar.at[slot])
-          plgpu.barrier_wait(sched)
+          if named:  # before issuing P·V: wait until the other warpgroup has issued Q·Kᵀ
+            plgpu.barrier_wait(v_bar.at[slot])
+            take()
+          else:
+            plgpu.barrier_arrive(sched_bar)
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_wait(sched_bar)
 
           def wait_next_k():  # overlaps the wait for the next K tile with this P·V product
             nxt = lax.rem(g0 + j + 1, jnp.array(stages, j.dtype))
@@ -511,9 +566,15 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         return g0 + steps
 
       load_q(jnp.int32(0))
-      pl.when(wg == 1)(sched_barrier)
+      if named:
+        begin()
+      else:
+        pl.when(wg == 1)(sched_barrier)  # warpgroup 0 goes first
       lax.fori_loop(0, my_items, item_body, jnp.int32(0))
-      pl.when(wg == 0)(sched_barrier)
+      if named:
+        end()
+      else:
+        pl.when(wg == 0)(sched_barrier)  # releases warpgroup 1's last wait
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -923,7 +984,7 @@ def _blocks(block_sizes, head_dim, interpret=False):
   for name, val in cfg.items():
     if name.startswith("block") and (val % 64 or val <= 0):
       raise ValueError(f"pallas_gpu block size {name}={val} must be a positive multiple of 64")
-    if name == "fence" and val not in (0, 1):
+    if name in ("fence", "sched") and val not in (0, 1):
       raise ValueError(f"pallas_gpu {name}={val} must be 0 or 1")
     if name.startswith("num_stages") and val < 1:
       raise ValueError(f"pallas_gpu {name}={val} must be >= 1")
@@ -951,7 +1012,8 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, prep.kvec, order, n_part, n_full,
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
-                        head_codes=codes.shape[1] > 1, interpret=interpret, fence=cfg["fence"])
+                        head_codes=codes.shape[1] > 1, interpret=interpret, fence=cfg["fence"],
+                        sched=cfg["sched"])
   out = out[:, :prep.nq]
   lse = lse2[:, :, :prep.nq] * LN2
   return out, lse
