@@ -43,8 +43,11 @@ SHAPES = {
     "cross_b2_q8448_k1056_d64": (2, 8448, 1056, 16, 64, 25.0, 25.0 / 8, (0.04, 2.0), None),
     "long_b1_n32768": (1, 32768, 32768, 16, 128, 25.0, 25.0, (0.04, 2.0), None),
     "band_b1_n32768_sigma_le_2fr": (1, 32768, 32768, 16, 128, 25.0, 25.0, (0.02, 0.08), 20.0),
+    # grouped heads: 16 query heads on 4 K/V heads (same FLOPs as self_b4_n4096)
+    "gqa_b4_n4096_hkv4": (4, 4096, 4096, 16, 128, 25.0, 25.0, (0.04, 2.0), None),
     "smoke": (1, 256, 256, 2, 64, 25.0, 25.0, (0.04, 2.0), None),  # script check, not reported
 }
+KV_HEADS = {"gqa_b4_n4096_hkv4": 4}  # K/V heads where fewer than the query heads
 PEERS = ("ours", "cudnn_nobias", "cudnn_bias", "xla_bias", "tokamax_bias")
 
 
@@ -109,17 +112,18 @@ def run_shape(name, variants, reps, dtype, log):
   """variants: list of (label, peer, blocks). Rows of all variants, timed in interleaved rounds
   (each round samples every variant once) so clock or thermal drift hits all of them alike."""
   b, nq, nk, h, d, fq, fk, (s_lo, s_hi), cutoff = SHAPES[name]
+  hkv = KV_HEADS.get(name, h)
   t_q = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.float32) / fq, (b, nq))
   t_k = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.float32) / fk, (b, nk))
   sigma = jnp.asarray(np.geomspace(s_lo, s_hi, h), jnp.float32)
-  per_set = 2 * (b * nq * h * d + 2 * b * nk * h * d) * 2  # q,k,v,do bytes (bf16)
+  per_set = 2 * (b * nq * h * d + 2 * b * nk * hkv * d) * 2  # q,k,v,do bytes (bf16)
   n_sets = 3 if per_set * 3 < 6 * 2**30 else 1
   rng = jax.random.split(jax.random.key(0), n_sets)
 
   def inputs(key):
     kq, kk, kv, kd = jax.random.split(key, 4)
     return tuple(jax.random.normal(kx, shp, dtype) for kx, shp in (
-        (kq, (b, nq, h, d)), (kk, (b, nk, h, d)), (kv, (b, nk, h, d)), (kd, (b, nq, h, d))))
+        (kq, (b, nq, h, d)), (kk, (b, nk, hkv, d)), (kv, (b, nk, hkv, d)), (kd, (b, nq, h, d))))
 
   sets = [inputs(r) for r in rng]
   flops_fwd = 4.0 * b * h * nq * nk * d

@@ -791,7 +791,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
   blocks of all rep query heads of its group, so dK/dV are summed over the group in the fp32
   accumulators. The block list then runs over (head, query block) pairs, entry r·n_qb + qb
   (see :func:`_grouped_lists`); the per-key vectors of the rep heads sit in shared memory and
-  the rep dσ partials are kept in registers.
+  the rep dσ partials are accumulated in shared memory (in registers they made ptxas spill).
   """
   pl, plgpu = _plgpu()
   b, nq, h, d = q.shape
@@ -884,8 +884,9 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
           st = _apply_mask(st, rq, rk, spec)
         pt = jnp.exp2(st - bc_q(lse))
         term = (pt * dpt * (pen - bc_q(pbar))).sum(axis=1)
-        if grouped:
-          part = tuple(x + term * (r == i).astype(jnp.float32) for i, x in enumerate(part))
+        if grouped:  # rep partials in registers made ptxas spill 552 bytes: keep them in SMEM
+          part_r = part_smem2.at[wg, r]
+          part_r[...] = _load(part_r, row_l, interpret) + term
         else:
           part = part + term
         dst = pt * (dpt - bc_q(delta))
@@ -899,17 +900,17 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
       zeros = lambda: _cast(interpret, jnp.zeros((block_kv, d), jnp.float32),
                                         plgpu.Layout.WGMMA)
       zero_part = lambda: _cast(interpret, jnp.zeros((block_kv,), jnp.float32), row_l)
-      part = tuple(zero_part() for _ in range(rep)) if grouped else zero_part()
+      if grouped:
+        for i in range(rep):
+          part_smem2.at[wg, i][...] = zero_part()
+      part = None if grouped else zero_part()
       carry = (zeros(), zeros(), part)
       carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
       dk_acc, dv_acc, part = lax.fori_loop(n_p, steps, functools.partial(step, masked=False),
                                            carry)
       k_smem[...] = (dk_acc * scale).astype(dtype)
       v_smem[...] = dv_acc.astype(dtype)
-      if grouped:
-        for i, x in enumerate(part):
-          part_smem2.at[wg, i][...] = x
-      else:
+      if not grouped:
         part_smem2.at[wg][...] = part
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, hk if grouped else hi])
