@@ -5,7 +5,8 @@ lists) against straightforward NumPy, and the kernels themselves under Mosaic GP
 interpreter (jax >= 0.10): TMA copies, barriers, the warp-specialised producer/consumer
 protocol, the masked/unmasked loops over block lists, the online softmax, dK/dV/dQ and the dσ
 partial sums. What does not: the interpreter executes the matmuls as plain dots, not wgmma,
-and has no register layouts — those run only on a GPU (tests/test_gaussian_attention_gpu.py).
+and has no register layouts or hardware named barriers (the forward's turn-taking runs on an
+mbarrier there) — those run only on a GPU (tests/test_gaussian_attention_gpu.py).
 """
 import numpy as np
 import pytest
@@ -168,3 +169,17 @@ def test_interpret_grouped_heads_with_per_head_band_lists():
   # Against the dense reference: skipped blocks are below e^-20 of the row maximum.
   _assert_matches_float64(q, k, v, do, tq, tk, sigma, common.MaskSpec(), qs, ks,
                           (out, dq, dk, dv, dsig))
+
+
+def test_block_options_are_validated_with_the_offending_key():
+  cfg = pallas_gpu._blocks({"sched": 0, "block_kv": 64}, 128)
+  assert cfg["sched"] == 0 and cfg["block_kv"] == 64 and cfg["block_q"] == 64
+  assert pallas_gpu._blocks({}, 64)["block_q"] == 128  # head dim <= 64: taller query tiles
+  with pytest.raises(TypeError, match="block_kvv"):
+    pallas_gpu._blocks({"block_kvv": 64}, 128)
+  with pytest.raises(ValueError, match="block_q=96"):
+    pallas_gpu._blocks({"block_q": 96}, 128)
+  with pytest.raises(ValueError, match="sched=2"):
+    pallas_gpu._blocks({"sched": 2}, 128)
+  with pytest.raises(ValueError, match="num_stages=0"):
+    pallas_gpu._blocks({"num_stages": 0}, 128)
