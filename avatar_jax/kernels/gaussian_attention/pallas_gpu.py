@@ -53,7 +53,6 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees inf − inf.
 
-# fence: 1 puts an optimization barrier between the forward softmax and the P·V hand-off.
 # sched: how the forward's two compute warpgroups take turns on the tensor cores. 1: two
 # hardware named barriers, each warpgroup waiting on its own and signalling the other's after
 # issuing Q·Kᵀ (FlashAttention-3's ping-pong: a warpgroup is held only until the other has
@@ -61,7 +60,7 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # (lockstep phases; also what the CPU interpreter runs, having no hardware barriers).
 # Defaults measured on an H200 (docs/notes/attention_gpu.md, run 3); head dims <= 64 use taller
 # query tiles (fewer CTAs, whose fill/drain is otherwise exposed when Nk is short).
-_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, fence=0, sched=1,
+_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
@@ -415,7 +414,7 @@ def _num_ctas(n_items, interpret):
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret, fence=0, sched=1):
+              block_kv, num_stages, head_codes, interpret, sched=1):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
   Item i = h + H·(tile + n_tiles·b), so CTAs running at the same time share K/V in L2 as in a
@@ -528,9 +527,6 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           acc = acc * lax.broadcast_in_dim(alpha, (block_q, d), [0])
           l = l * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
-          if fence and not interpret:
-            # Keeps the compiler from sinking the softmax tail past the hand-off below.
-            acc, m_new, l, p16 = lax.optimization_barrier((acc, m_new, l, p16))
           if named:  # before issuing P·V: wait until the other warpgroup has issued Q·Kᵀ
             plgpu.barrier_wait(v_bar.at[slot])
             take()
@@ -985,7 +981,7 @@ def _blocks(block_sizes, head_dim, interpret=False):
   for name, val in cfg.items():
     if name.startswith("block") and (val % 64 or val <= 0):
       raise ValueError(f"pallas_gpu block size {name}={val} must be a positive multiple of 64")
-    if name in ("fence", "sched") and val not in (0, 1):
+    if name == "sched" and val not in (0, 1):
       raise ValueError(f"pallas_gpu {name}={val} must be 0 or 1")
     if name.startswith("num_stages") and val < 1:
       raise ValueError(f"pallas_gpu {name}={val} must be >= 1")
@@ -1013,8 +1009,7 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, prep.kvec, order, n_part, n_full,
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
-                        head_codes=codes.shape[1] > 1, interpret=interpret, fence=cfg["fence"],
-                        sched=cfg["sched"])
+                        head_codes=codes.shape[1] > 1, interpret=interpret, sched=cfg["sched"])
   out = out[:, :prep.nq]
   lse = lse2[:, :, :prep.nq] * LN2
   return out, lse
