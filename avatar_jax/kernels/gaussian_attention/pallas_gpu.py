@@ -108,21 +108,26 @@ def _named_barrier(op, bar_id, n_threads):
   emit(jnp.asarray(bar_id, jnp.int32))
 
 
-def _turns(wg, on):
+def _turns(wg, sched_bar, named):
   """(give, take, begin, end): two compute warpgroups taking turns on the tensor cores.
 
-  take() before a warpgroup's turn waits until the other one has called give(), i.e. has
-  issued its own products; give() does not block. The loops give after their first product
-  and take before their second (G T G T ...), so begin() makes warpgroup 1 take once more
-  before its loop (warpgroup 0 goes first) and end() makes warpgroup 0 give once more after
-  its loop, which balances the counts whatever the step counts. ``on`` false: no-ops.
+  named: take() before a warpgroup's turn waits until the other one has called give(), i.e.
+  has issued its own products; give() does not block (hardware barriers _SCHED_BAR + wg).
+  Otherwise all four arrive at and wait on the shared mbarrier ``sched_bar`` (lockstep). The
+  loops give after their first product and take before their second (G T G T ...), so begin()
+  makes warpgroup 1 take once more before its loop (warpgroup 0 goes first) and end() makes
+  warpgroup 0 give once more after its loop, which balances the counts whatever the step
+  counts.
   """
-  noop = lambda: None
-  if not on:
-    return noop, noop, noop, noop
-  pl, _ = _plgpu()
-  give = lambda: _named_barrier("arrive", _SCHED_BAR + 1 - wg, 256)
-  take = lambda: _named_barrier("sync", _SCHED_BAR + wg, 256)
+  pl, plgpu = _plgpu()
+  if named:
+    give = lambda: _named_barrier("arrive", _SCHED_BAR + 1 - wg, 256)
+    take = lambda: _named_barrier("sync", _SCHED_BAR + wg, 256)
+  else:
+    def give():
+      plgpu.barrier_arrive(sched_bar)
+      plgpu.barrier_wait(sched_bar)
+    take = give
   return give, take, lambda: pl.when(wg == 1)(take), lambda: pl.when(wg == 0)(give)
 
 
@@ -456,16 +461,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
       n_p = np_ref[bi, hc, ti]
       return bi, hi, ti, hc, n_p, n_p + nf_ref[bi, hc, ti]
 
-    named = sched == 1 and not interpret  # the interpreter has no hardware barriers
-
-    def sched_barrier():
-      plgpu.barrier_arrive(sched_bar)
-      plgpu.barrier_wait(sched_bar)
-
-    give, take, begin, end = _turns(wg, named)
-
-    def turn_given():  # after issuing Q·Kᵀ: the other warpgroup may issue its products
-      (give if named else sched_barrier)()
+    # The interpreter has no hardware barriers: it runs the mbarrier form.
+    give, take, begin, end = _turns(wg, sched_bar, named=sched == 1 and not interpret)
 
     @pl.when(wg < 2)
     def _compute():
@@ -505,7 +502,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           acc, m, l = carry
           slot = lax.rem(g0 + j, jnp.array(stages, j.dtype))
           # This step's K was waited for while the previous P·V ran (or below, at j = 0).
-          s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret, after_issue=turn_given)
+          s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret, after_issue=give)
           plgpu.barrier_wait(kv_bar.at[slot])
           if masked:
             krow = [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(nr)]
@@ -527,13 +524,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           acc = acc * lax.broadcast_in_dim(alpha, (block_q, d), [0])
           l = l * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
-          if named:  # before issuing P·V: wait until the other warpgroup has issued Q·Kᵀ
-            plgpu.barrier_wait(v_bar.at[slot])
-            take()
-          else:
-            plgpu.barrier_arrive(sched_bar)
-            plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.barrier_wait(sched_bar)
+          plgpu.barrier_wait(v_bar.at[slot])
+          take()  # before issuing P·V: the other warpgroup has issued its Q·Kᵀ
 
           def wait_next_k():  # overlaps the wait for the next K tile with this P·V product
             nxt = lax.rem(g0 + j + 1, jnp.array(stages, j.dtype))
@@ -562,15 +554,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         return g0 + steps
 
       load_q(jnp.int32(0))
-      if named:
-        begin()
-      else:
-        pl.when(wg == 1)(sched_barrier)  # warpgroup 0 goes first
+      begin()  # warpgroup 0 goes first
       lax.fori_loop(0, my_items, item_body, jnp.int32(0))
-      if named:
-        end()
-      else:
-        pl.when(wg == 0)(sched_barrier)  # releases warpgroup 1's last wait
+      end()  # releases warpgroup 1's last wait
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
