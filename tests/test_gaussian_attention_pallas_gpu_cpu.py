@@ -183,3 +183,7 @@ def test_block_options_are_validated_with_the_offending_key():
     pallas_gpu._blocks({"sched": 2}, 128)
   with pytest.raises(ValueError, match="num_stages=0"):
     pallas_gpu._blocks({"num_stages": 0}, 128)
+  with pytest.raises(ValueError, match="regs_bwd=236"):  # not a multiple of 8
+    pallas_gpu._blocks({"regs_bwd": 236}, 128)
+  with pytest.raises(ValueError, match="regs=248"):  # would leave the memory warpgroup < 24
+    pallas_gpu._blocks({"regs": 248}, 128)

@@ -60,7 +60,10 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # (lockstep phases; also what the CPU interpreter runs, having no hardware barriers).
 # Defaults measured on an H200 (docs/notes/attention_gpu.md, run 3); head dims <= 64 use taller
 # query tiles (fewer CTAs, whose fill/drain is otherwise exposed when Nk is short).
-_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1,
+# regs / regs_bwd: registers per thread of each compute warpgroup (the memory warpgroup gets
+# 504 − 2·regs). 240 against 232: backward −2..−5 % (run 30), forward within noise
+# (runs 29–30).
+_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240, regs_bwd=240,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
@@ -419,14 +422,15 @@ def _num_ctas(n_items, interpret):
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret, sched=1):
+              block_kv, num_stages, head_codes, interpret, sched=1, regs=240):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
-  Item i = h + H·(tile + n_tiles·b), so CTAs running at the same time share K/V in L2 as in a
-  one-CTA-per-tile grid. A CTA's producer streams K/V for its items back to back (the ring
-  does not drain between items) and each compute warpgroup loads the next item's Q into the
-  other half of a double buffer while it works on the current one, so per-item fill and
-  drain (Q load, first K/V, output store) overlap work instead of leaving the SM idle.
+  Item i = tile + n_tiles·(h + H·b): the CTAs running at the same time cover few heads, so
+  the K/V tiles they stream are L2 hits (head-major order: 1.5–10 % slower, runs 28–29).
+  A CTA's producer streams K/V for its items back to back (the ring does not drain between
+  items) and each compute warpgroup loads the next item's Q into the other half of a double
+  buffer while it works on the current one, so per-item fill and drain (Q load, first K/V,
+  output store) overlap work instead of leaving the SM idle.
   """
   pl, plgpu = _plgpu()
   b, nq, h, d = q.shape
@@ -453,10 +457,10 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
     def item_coords(i):
       item = cta + i * n_ctas
-      hi = lax.rem(item, jnp.array(h, item.dtype))
-      rest = lax.div(item, jnp.array(h, item.dtype))
-      ti = lax.rem(rest, jnp.array(n_tiles, item.dtype))
-      bi = lax.div(rest, jnp.array(n_tiles, item.dtype))
+      ti = lax.rem(item, jnp.array(n_tiles, item.dtype))
+      rest = lax.div(item, jnp.array(n_tiles, item.dtype))
+      hi = lax.rem(rest, jnp.array(h, item.dtype))
+      bi = lax.div(rest, jnp.array(h, item.dtype))
       hc = hi if head_codes else 0
       n_p = np_ref[bi, hc, ti]
       return bi, hi, ti, hc, n_p, n_p + nf_ref[bi, hc, ti]
@@ -466,7 +470,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
     @pl.when(wg < 2)
     def _compute():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(regs, action="increase")
 
       def load_q(i):
         bi, hi, ti, *_ = item_coords(i)
@@ -561,7 +565,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
     @pl.when(wg == 2)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(504 - 2 * regs, action="decrease")
 
       def item_body(i, g0):
         bi, hi, ti, hc, _, steps = item_coords(i)
@@ -622,7 +626,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
 
 def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
-             block_q, block_kv, num_stages, head_codes, interpret):
+             block_q, block_kv, num_stages, head_codes, interpret, regs=232):
   """dQ = scale·Σ_j dS_ij k_j and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
 
   qvec rows: [lse2, delta, g, masks...]. pen̄ lets the dK/dV kernel form dσ without the
@@ -654,7 +658,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
 
     @pl.when(wg < 2)
     def _compute():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(regs, action="increase")
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       q0 = ti * tile_q + wg * block_q
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, block_q), hi], q_smem, q_bar.at[wg])
@@ -711,7 +715,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
 
     @pl.when(wg == 2)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(504 - 2 * regs, action="decrease")
       hk = lax.div(hi, jnp.array(rep, hi.dtype))
 
       def issue_k(j, slot):
@@ -759,7 +763,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
 
 
 def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
-              block_q, block_kv, num_stages, head_codes, interpret):
+              block_q, block_kv, num_stages, head_codes, interpret, regs=232):
   """dK (times the scale), dV and dσ partials per key (log2 units).
 
   The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
@@ -819,7 +823,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
 
     @pl.when(wg < 2)
     def _compute():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(regs, action="increase")
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
       k0 = ti * tile_k + wg * block_kv
       rows = pl.ds(k0, block_kv)
@@ -902,7 +906,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
 
     @pl.when(wg == 2)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(504 - 2 * regs, action="decrease")
 
       def issue_q(j, slot):
         hq, qb, _ = entry(j)
@@ -969,6 +973,8 @@ def _blocks(block_sizes, head_dim, interpret=False):
       raise ValueError(f"pallas_gpu block size {name}={val} must be a positive multiple of 64")
     if name == "sched" and val not in (0, 1):
       raise ValueError(f"pallas_gpu {name}={val} must be 0 or 1")
+    if name.startswith("regs") and (val % 8 or not 200 <= val <= 240):
+      raise ValueError(f"pallas_gpu {name}={val} must be a multiple of 8 in [200, 240]")
     if name.startswith("num_stages") and val < 1:
       raise ValueError(f"pallas_gpu {name}={val} must be >= 1")
   return cfg
@@ -995,7 +1001,8 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, prep.kvec, order, n_part, n_full,
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
-                        head_codes=codes.shape[1] > 1, interpret=interpret, sched=cfg["sched"])
+                        head_codes=codes.shape[1] > 1, interpret=interpret, sched=cfg["sched"],
+                        regs=cfg["regs"])
   out = out[:, :prep.nq]
   lse = lse2[:, :, :prep.nq] * LN2
   return out, lse
@@ -1018,7 +1025,8 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   qvec_b = jnp.concatenate([lse2[:, :, None], delta[:, :, None], prep.qvec], axis=2)
   qp, dop = _pad_rows(q, prep.nq_p), _pad_rows(dout.astype(q.dtype), prep.nq_p)
   kp, vp = _pad_rows(k, prep.nk_p), _pad_rows(v, prep.nk_p)
-  kw = dict(scale=float(scale), scale_log2=prep.scale_log2, spec=spec, interpret=interpret)
+  kw = dict(scale=float(scale), scale_log2=prep.scale_log2, spec=spec, interpret=interpret,
+            regs=cfg["regs_bwd"])
 
   codes_q = prep.codes(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
   order, n_part, n_full = block_lists(codes_q)
