@@ -422,7 +422,7 @@ def _num_ctas(n_items, interpret):
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret, sched=1, regs=240):
+              block_kv, num_stages, head_codes, interpret, sched, regs):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
   Item i = tile + n_tiles·(h + H·b): the CTAs running at the same time cover few heads, so
@@ -626,7 +626,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
 
 def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
-             block_q, block_kv, num_stages, head_codes, interpret, regs=232):
+             block_q, block_kv, num_stages, head_codes, interpret, regs):
   """dQ = scale·Σ_j dS_ij k_j and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
 
   qvec rows: [lse2, delta, g, masks...]. pen̄ lets the dK/dV kernel form dσ without the
@@ -763,7 +763,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
 
 
 def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
-              block_q, block_kv, num_stages, head_codes, interpret, regs=232):
+              block_q, block_kv, num_stages, head_codes, interpret, regs):
   """dK (times the scale), dV and dσ partials per key (log2 units).
 
   The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
@@ -800,24 +800,19 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
            k_smem2, v_smem2, kv_smem2, part_smem2, q_smem, do_smem, qv_smem,
            k_bar, v_bar, kv_bar, q_bar, do_bar, qv_bar, q_free, do_free):
     bi = lax.axis_index("b")
-    hi = lax.axis_index("h")  # with grouped heads: the K/V head
+    hk = lax.axis_index("h")  # the K/V head (the query head too, unless grouped)
     ti = lax.axis_index("t")
     wg = lax.axis_index("wg")
-    if grouped:  # lists are per K/V head
-      hk, hi, hc = hi, None, None
-      n_p = np_ref[bi, hk, ti]
-      steps = n_p + nf_ref[bi, hk, ti]
-    else:
-      hc = hi if head_codes else 0
-      n_p = np_ref[bi, hc, ti]
-      steps = n_p + nf_ref[bi, hc, ti]
-      hk = lax.div(hi, jnp.array(rep, hi.dtype))
+    # Block lists: per K/V head when grouped, else per query head (or one for all: Hc = 1).
+    hc = hk if grouped or head_codes else 0
+    n_p = np_ref[bi, hc, ti]
+    steps = n_p + nf_ref[bi, hc, ti]
 
     def entry(j):
       """Step j's (query head, query block, head within the group r or None)."""
       if not grouped:
-        return hi, ord_ref[bi, hc, ti, j], None
-      e = ord_ref[bi, hk, ti, j]
+        return hk, ord_ref[bi, hc, ti, j], None
+      e = ord_ref[bi, hc, ti, j]
       r = lax.div(e, jnp.array(n_qb, e.dtype))
       return hk * rep + r, lax.rem(e, jnp.array(n_qb, e.dtype)), r
 
@@ -829,7 +824,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
       rows = pl.ds(k0, block_kv)
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hk], k_smem, k_bar.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hk], v_smem, v_bar.at[wg])
-      heads = pl.ds(hk * rep, rep) if grouped else hi
+      heads = pl.ds(hk * rep, rep) if grouped else hk
       plgpu.copy_gmem_to_smem(kv_ref.at[bi, heads, :, rows], kv_smem2.at[wg], kv_bar.at[wg])
       plgpu.barrier_wait(k_bar.at[wg])
       plgpu.barrier_wait(v_bar.at[wg])
@@ -899,8 +894,8 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
       if not grouped:
         part_smem2.at[wg][...] = part
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, hk if grouped else hi])
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, hk if grouped else hi])
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, hk])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, hk])
       plgpu.copy_smem_to_gmem(part_smem2.at[wg], part_ref.at[bi, heads, rows])
       plgpu.wait_smem_to_gmem(0)
 
