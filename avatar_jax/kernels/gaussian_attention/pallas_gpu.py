@@ -63,7 +63,11 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # regs / regs_bwd: registers per thread of each compute warpgroup (the memory warpgroup gets
 # 504 − 2·regs). 240 against 232: backward −2..−5 % (run 30), forward within noise
 # (runs 29–30).
+# free / free_bwd: how compute warpgroups hand a ring slot back to the memory warpgroup.
+# 1: hardware barriers (consumers bar.arrive, which does not block; the memory warpgroup
+# bar.syncs, no polling); 0: an mbarrier per slot. Forward −4..−5 % with 1 (runs 33–34).
 _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240, regs_bwd=240,
+                       free=1, free_bwd=0,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
@@ -91,6 +95,7 @@ def _interpret_params(interpret):
 
 
 _SCHED_BAR = 8  # hardware barriers 8 and 9; Mosaic GPU itself uses the low ids
+_FREE_BAR = 10  # ring releases (free=1): hardware barriers 10 .. 15
 
 
 def _named_barrier(op, bar_id, n_threads):
@@ -132,6 +137,30 @@ def _turns(wg, sched_bar, named):
       plgpu.barrier_wait(sched_bar)
     take = give
   return give, take, lambda: pl.when(wg == 1)(take), lambda: pl.when(wg == 0)(give)
+
+
+def _ring_free(free_refs, stages, named):
+  """(release(slot), wait(slot)) per ring operand: the two compute warpgroups release a slot
+  once they have read it; the memory warpgroup waits for both releases before refilling it.
+
+  free_refs: one mbarrier array [stages] (2 arrivals) per operand. named: hardware barriers
+  instead (operand o, slot s → _FREE_BAR + o·stages + s; 2·128 arriving + 128 syncing
+  threads). A slot is released once per fill and refilled only after its wait, so arrivals
+  of consecutive fills never meet on one barrier.
+  """
+  _, plgpu = _plgpu()
+  if not named:
+    return [(lambda slot, f=f: plgpu.barrier_arrive(f.at[slot]),
+             lambda slot, f=f: plgpu.barrier_wait(f.at[slot])) for f in free_refs]
+  if _FREE_BAR + len(free_refs) * stages > 16:
+    raise ValueError(f"pallas_gpu ring releases on hardware barriers (free=1 / free_bwd=1) "
+                     f"have {16 - _FREE_BAR} barriers for {len(free_refs)} operands × "
+                     f"num_stages={stages}: use num_stages <= "
+                     f"{(16 - _FREE_BAR) // len(free_refs)} or set that option to 0")
+  bar = lambda o, slot: _FREE_BAR + o * stages + slot
+  return [(lambda slot, o=o: _named_barrier("arrive", bar(o, slot), 384),
+           lambda slot, o=o: _named_barrier("sync", bar(o, slot), 384))
+          for o in range(len(free_refs))]
 
 
 def _mask_rows(spec: common.MaskSpec):
@@ -348,11 +377,12 @@ def _cast(interpret, x, layout):
 def _stream(steps, stages, first, second):
   """The backward kernels' memory warpgroup: a `stages`-deep ring of two streamed operands.
 
-  first / second: (issue(j, slot), free barriers [stages]). The first `stages` steps are
-  issued up front; step j then waits for its slot's release by both compute warpgroups.
+  first / second: (issue(j, slot), wait(slot) for the slot's release, from :func:`_ring_free`).
+  The first `stages` steps are issued up front; step j then waits for its slot's release by
+  both compute warpgroups.
   """
-  pl, plgpu = _plgpu()
-  (issue_a, free_a), (issue_b, free_b) = first, second
+  pl, _ = _plgpu()
+  (issue_a, wait_a), (issue_b, wait_b) = first, second
   for i in range(stages):
     @pl.when(i < steps)
     def _prologue():
@@ -361,25 +391,24 @@ def _stream(steps, stages, first, second):
 
   def refill(j, _):
     slot = lax.rem(j, jnp.array(stages, j.dtype))
-    plgpu.barrier_wait(free_b.at[slot])
+    wait_b(slot)
     issue_b(j, slot)
-    plgpu.barrier_wait(free_a.at[slot])
+    wait_a(slot)
     issue_a(j, slot)
     return _
 
   lax.fori_loop(stages, steps, refill, None)
-  _drain(steps, stages, free_a, free_b)
+  _drain(steps, stages, wait_a, wait_b)
 
 
-def _drain(total, stages, free_a, free_b):
+def _drain(total, stages, wait_a, wait_b):
   """Waits for the releases of the ring's last `stages` uses (of `total`), so every barrier
-  phase is observed before the memory warpgroup exits."""
-  _, plgpu = _plgpu()
+  phase is observed before the memory warpgroup exits. wait_*: slot -> wait."""
 
   def drain(j, _):
     slot = lax.rem(j, jnp.array(stages, j.dtype))
-    plgpu.barrier_wait(free_a.at[slot])
-    plgpu.barrier_wait(free_b.at[slot])
+    wait_a(slot)
+    wait_b(slot)
     return _
 
   lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
@@ -422,7 +451,7 @@ def _num_ctas(n_items, interpret):
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret, sched, regs):
+              block_kv, num_stages, head_codes, interpret, sched, regs, free):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
   Item i = tile + n_tiles·(h + H·b): the CTAs running at the same time cover few heads, so
@@ -467,6 +496,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
     # The interpreter has no hardware barriers: it runs the mbarrier form.
     give, take, begin, end = _turns(wg, sched_bar, named=sched == 1 and not interpret)
+    (release_k, wait_k), (release_v, wait_v) = _ring_free(
+        (k_free, v_free), stages, named=free == 1 and not interpret)
 
     @pl.when(wg < 2)
     def _compute():
@@ -512,7 +543,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
             krow = [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(nr)]
           else:
             krow = [_load(kv_smem.at[slot, 0], col_l, interpret)]
-          plgpu.barrier_arrive(k_free.at[slot])
+          release_k(slot)
           dg = bc_q(qrow["g"]) - bc_k(krow[0])
           s = s - dg * dg  # q·k units: the scale is applied inside exp2's argument
           if masked:
@@ -535,7 +566,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
             nxt = lax.rem(g0 + j + 1, jnp.array(stages, j.dtype))
             pl.when(j + 1 < steps)(lambda: plgpu.barrier_wait(k_bar.at[nxt]))
           acc = _mma(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k)
-          plgpu.barrier_arrive(v_free.at[slot])
+          release_v(slot)
           return acc, m_new, l
 
         pl.when(steps > 0)(lambda: plgpu.barrier_wait(
@@ -577,11 +608,11 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           kb = ord_ref[bi, hc, ti, j]
           rows = pl.ds(kb * block_kv, block_kv)
           # The ring runs across items: slot reuse waits for the step `stages` earlier.
-          pl.when(g >= stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+          pl.when(g >= stages)(lambda: wait_k(slot))
           plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hk], k_smem.at[slot], k_bar.at[slot])
           plgpu.copy_gmem_to_smem(kv_ref.at[bi, hi, :, rows], kv_smem.at[slot],
                                   kv_bar.at[slot])
-          pl.when(g >= stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+          pl.when(g >= stages)(lambda: wait_v(slot))
           plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hk], v_smem.at[slot], v_bar.at[slot])
           return _
 
@@ -589,7 +620,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         return g0 + steps
 
       total = lax.fori_loop(0, my_items, item_body, jnp.int32(0))
-      _drain(total, stages, k_free, v_free)
+      _drain(total, stages, wait_k, wait_v)
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
@@ -626,7 +657,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
 
 
 def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
-             block_q, block_kv, num_stages, head_codes, interpret, regs):
+             block_q, block_kv, num_stages, head_codes, interpret, regs, free):
   """dQ = scale·Σ_j dS_ij k_j and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
 
   qvec rows: [lse2, delta, g, masks...]. pen̄ lets the dK/dV kernel form dσ without the
@@ -655,6 +686,8 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
     hc = hi if head_codes else 0
     n_p = np_ref[bi, hc, ti]
     steps = n_p + nf_ref[bi, hc, ti]
+    (release_k, wait_k), (release_v, wait_v) = _ring_free(
+        (k_free, v_free), stages, named=free == 1 and not interpret)
 
     @pl.when(wg < 2)
     def _compute():
@@ -684,7 +717,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
         # S and dP are independent: issue both, wait once.
         s, dp = _mma_group([(shape, q_smem, k_smem.at[slot], True),
                             (shape, do_smem, v_smem.at[slot], True)], interpret)
-        plgpu.barrier_arrive(v_free.at[slot])
+        release_v(slot)
         plgpu.barrier_wait(kv_bar.at[slot])
         n_load = nr if masked else 1
         krow = [_load(kv_smem.at[slot, i], col_l, interpret) for i in range(n_load)]
@@ -699,7 +732,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
         pbar = pbar + (p * pen).sum(axis=1)
         ds = p * (dp - bc_q(delta))
         dq_acc = _mma(dq_acc, ds.astype(dtype), k_smem.at[slot], interpret)
-        plgpu.barrier_arrive(k_free.at[slot])
+        release_k(slot)
         return dq_acc, pbar
 
       carry = (_cast(interpret, jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA),
@@ -729,7 +762,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
         rows = pl.ds(kb * block_kv, block_kv)
         plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hk], v_smem.at[slot], v_bar.at[slot])
 
-      _stream(steps, stages, (issue_k, k_free), (issue_v, v_free))
+      _stream(steps, stages, (issue_k, wait_k), (issue_v, wait_v))
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
@@ -763,7 +796,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
 
 
 def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
-              block_q, block_kv, num_stages, head_codes, interpret, regs):
+              block_q, block_kv, num_stages, head_codes, interpret, regs, free):
   """dK (times the scale), dV and dσ partials per key (log2 units).
 
   The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
@@ -807,6 +840,8 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
     hc = hk if grouped or head_codes else 0
     n_p = np_ref[bi, hc, ti]
     steps = n_p + nf_ref[bi, hc, ti]
+    (release_q, wait_q), (release_do, wait_do) = _ring_free(
+        (q_free, do_free), stages, named=free == 1 and not interpret)
 
     def entry(j):
       """Step j's (query head, query block, head within the group r or None)."""
@@ -874,8 +909,8 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
         dv_acc, dk_acc = _mma_group([(dv_acc, pt.astype(dtype), do_smem.at[slot], False),
                                      (dk_acc, dst.astype(dtype), q_smem.at[slot], False)],
                                     interpret)
-        plgpu.barrier_arrive(do_free.at[slot])
-        plgpu.barrier_arrive(q_free.at[slot])
+        release_do(slot)
+        release_q(slot)
         return dk_acc, dv_acc, part
 
       zeros = lambda: _cast(interpret, jnp.zeros((block_kv, d), jnp.float32),
@@ -914,7 +949,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
         rows = pl.ds(qb * block_q, block_q)
         plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hq], do_smem.at[slot], do_bar.at[slot])
 
-      _stream(steps, stages, (issue_q, q_free), (issue_do, do_free))
+      _stream(steps, stages, (issue_q, wait_q), (issue_do, wait_do))
 
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
@@ -966,7 +1001,7 @@ def _blocks(block_sizes, head_dim, interpret=False):
   for name, val in cfg.items():
     if name.startswith("block") and (val % 64 or val <= 0):
       raise ValueError(f"pallas_gpu block size {name}={val} must be a positive multiple of 64")
-    if name == "sched" and val not in (0, 1):
+    if name in ("sched", "free", "free_bwd") and val not in (0, 1):
       raise ValueError(f"pallas_gpu {name}={val} must be 0 or 1")
     if name.startswith("regs") and (val % 8 or not 200 <= val <= 240):
       raise ValueError(f"pallas_gpu {name}={val} must be a multiple of 8 in [200, 240]")
@@ -997,7 +1032,7 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
                         head_codes=codes.shape[1] > 1, interpret=interpret, sched=cfg["sched"],
-                        regs=cfg["regs"])
+                        regs=cfg["regs"], free=cfg["free"])
   out = out[:, :prep.nq]
   lse = lse2[:, :, :prep.nq] * LN2
   return out, lse
@@ -1021,7 +1056,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   qp, dop = _pad_rows(q, prep.nq_p), _pad_rows(dout.astype(q.dtype), prep.nq_p)
   kp, vp = _pad_rows(k, prep.nk_p), _pad_rows(v, prep.nk_p)
   kw = dict(scale=float(scale), scale_log2=prep.scale_log2, spec=spec, interpret=interpret,
-            regs=cfg["regs_bwd"])
+            regs=cfg["regs_bwd"], free=cfg["free_bwd"])
 
   codes_q = prep.codes(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
   order, n_part, n_full = block_lists(codes_q)
