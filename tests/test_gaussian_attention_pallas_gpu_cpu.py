@@ -187,3 +187,12 @@ def test_block_options_are_validated_with_the_offending_key():
     pallas_gpu._blocks({"regs_bwd": 236}, 128)
   with pytest.raises(ValueError, match="regs=248"):  # would leave the memory warpgroup < 24
     pallas_gpu._blocks({"regs": 248}, 128)
+  with pytest.raises(ValueError, match="free_bwd=2"):
+    pallas_gpu._blocks({"free_bwd": 2}, 128)
+  # Ring releases on hardware barriers: 6 barriers, two operands -> at most 3 stages.
+  assert pallas_gpu._blocks({"num_stages": 3}, 128)["free"] == 1
+  with pytest.raises(ValueError, match="num_stages=4 with free=1"):
+    pallas_gpu._blocks({"num_stages": 4}, 128)
+  assert pallas_gpu._blocks({"num_stages": 4, "free": 0}, 128)["num_stages"] == 4
+  with pytest.raises(ValueError, match="num_stages_bwd=4 with free_bwd=1"):
+    pallas_gpu._blocks({"num_stages_bwd": 4, "free_bwd": 1}, 128)

@@ -65,7 +65,8 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # (runs 29–30).
 # free / free_bwd: how compute warpgroups hand a ring slot back to the memory warpgroup.
 # 1: hardware barriers (consumers bar.arrive, which does not block; the memory warpgroup
-# bar.syncs, no polling); 0: an mbarrier per slot. Forward −4..−5 % with 1 (runs 33–34).
+# bar.syncs, no polling); 0: an mbarrier per slot. Forward −3..−5 % with 1 (runs 33–37);
+# backward unchanged (run 35), so it keeps the mbarriers.
 _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240, regs_bwd=240,
                        free=1, free_bwd=0,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
@@ -152,11 +153,7 @@ def _ring_free(free_refs, stages, named):
   if not named:
     return [(lambda slot, f=f: plgpu.barrier_arrive(f.at[slot]),
              lambda slot, f=f: plgpu.barrier_wait(f.at[slot])) for f in free_refs]
-  if _FREE_BAR + len(free_refs) * stages > 16:
-    raise ValueError(f"pallas_gpu ring releases on hardware barriers (free=1 / free_bwd=1) "
-                     f"have {16 - _FREE_BAR} barriers for {len(free_refs)} operands × "
-                     f"num_stages={stages}: use num_stages <= "
-                     f"{(16 - _FREE_BAR) // len(free_refs)} or set that option to 0")
+  assert _FREE_BAR + len(free_refs) * stages <= 16, stages  # checked in _blocks
   bar = lambda o, slot: _FREE_BAR + o * stages + slot
   return [(lambda slot, o=o: _named_barrier("arrive", bar(o, slot), 384),
            lambda slot, o=o: _named_barrier("sync", bar(o, slot), 384))
@@ -1007,6 +1004,13 @@ def _blocks(block_sizes, head_dim, interpret=False):
       raise ValueError(f"pallas_gpu {name}={val} must be a multiple of 8 in [200, 240]")
     if name.startswith("num_stages") and val < 1:
       raise ValueError(f"pallas_gpu {name}={val} must be >= 1")
+  # Two ring operands per kernel, one hardware barrier per operand and slot.
+  max_stages = (16 - _FREE_BAR) // 2
+  for free, stages in (("free", "num_stages"), ("free_bwd", "num_stages_bwd")):
+    if cfg[free] and cfg[stages] > max_stages:
+      raise ValueError(f"pallas_gpu {stages}={cfg[stages]} with {free}=1 needs more than the "
+                       f"{16 - _FREE_BAR} hardware barriers ring releases may use: "
+                       f"{stages} <= {max_stages}, or {free}=0")
   return cfg
 
 
