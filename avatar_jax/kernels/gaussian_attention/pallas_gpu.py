@@ -68,7 +68,7 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # bar.syncs, no polling); 0: an mbarrier per slot. Forward −3..−5 % with 1 (runs 33–37);
 # backward unchanged (run 35), so it keeps the mbarriers.
 _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240, regs_bwd=240,
-                       free=1, free_bwd=0,
+                       free=1, free_bwd=0, kvec_early=1,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
@@ -312,22 +312,24 @@ def _mma(acc, a, b_ref, interpret, after_issue=None):
 
 
 def _mm(shape, a, b_ref, *, interpret, transpose_b=True, after_issue=None):
-  """a @ bᵀ (or a @ b) into a fresh fp32 accumulator; `after_issue` runs while it is in flight."""
+  """a @ bᵀ (or a @ b) into a fresh fp32 accumulator; `after_issue` runs while it is in flight.
+
+  Returns the product, or (product, after_issue's result) when that result is not None.
+  """
   if interpret:
     out = _dot_interpret(a, b_ref, transpose_b)
-    if after_issue is not None:
-      after_issue()
-    return out
+    extra = after_issue() if after_issue is not None else None
+    return out if extra is None else (out, extra)
   pl, plgpu = _plgpu()
   if transpose_b:
     b_ref = plgpu.transpose_ref(b_ref, (1, 0))
 
   def run(acc_ref):
     plgpu.wgmma(acc_ref, a, b_ref)
-    if after_issue is not None:
-      after_issue()
-    return acc_ref[...]
-  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+    extra = after_issue() if after_issue is not None else None
+    return acc_ref[...], extra
+  out, extra = pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+  return out if extra is None else (out, extra)
 
 
 def _mma_group(terms, interpret):
@@ -448,7 +450,7 @@ def _num_ctas(n_items, interpret):
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret, sched, regs, free):
+              block_kv, num_stages, head_codes, interpret, sched, regs, free, kvec_early):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
   Item i = tile + n_tiles·(h + H·b): the CTAs running at the same time cover few heads, so
@@ -534,12 +536,21 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           acc, m, l = carry
           slot = lax.rem(g0 + j, jnp.array(stages, j.dtype))
           # This step's K was waited for while the previous P·V ran (or below, at j = 0).
-          s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret, after_issue=give)
-          plgpu.barrier_wait(kv_bar.at[slot])
-          if masked:
-            krow = [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(nr)]
+          if kvec_early and not masked:
+            def give_and_load():  # the key vector's shared-memory load under Q·Kᵀ
+              give()
+              plgpu.barrier_wait(kv_bar.at[slot])
+              return _load(kv_smem.at[slot, 0], col_l, interpret)
+            s, k0 = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret,
+                        after_issue=give_and_load)
+            krow = [k0]
           else:
-            krow = [_load(kv_smem.at[slot, 0], col_l, interpret)]
+            s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret, after_issue=give)
+            plgpu.barrier_wait(kv_bar.at[slot])
+            if masked:
+              krow = [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(nr)]
+            else:
+              krow = [_load(kv_smem.at[slot, 0], col_l, interpret)]
           release_k(slot)
           dg = bc_q(qrow["g"]) - bc_k(krow[0])
           s = s - dg * dg  # q·k units: the scale is applied inside exp2's argument
@@ -998,7 +1009,7 @@ def _blocks(block_sizes, head_dim, interpret=False):
   for name, val in cfg.items():
     if name.startswith("block") and (val % 64 or val <= 0):
       raise ValueError(f"pallas_gpu block size {name}={val} must be a positive multiple of 64")
-    if name in ("sched", "free", "free_bwd") and val not in (0, 1):
+    if name in ("sched", "free", "free_bwd", "kvec_early") and val not in (0, 1):
       raise ValueError(f"pallas_gpu {name}={val} must be 0 or 1")
     if name.startswith("regs") and (val % 8 or not 200 <= val <= 240):
       raise ValueError(f"pallas_gpu {name}={val} must be a multiple of 8 in [200, 240]")
@@ -1036,7 +1047,7 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
                         head_codes=codes.shape[1] > 1, interpret=interpret, sched=cfg["sched"],
-                        regs=cfg["regs"], free=cfg["free"])
+                        regs=cfg["regs"], free=cfg["free"], kvec_early=cfg["kvec_early"])
   out = out[:, :prep.nq]
   lse = lse2[:, :, :prep.nq] * LN2
   return out, lse
