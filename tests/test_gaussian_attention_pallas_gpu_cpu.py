@@ -131,6 +131,12 @@ def test_interpret_persistent_forward_with_empty_items():
         q_segment_ids=qs, kv_segment_ids=ks)
   keep = q_ids != 5
   assert _rel(out[keep], np.asarray(ref)[keep]) < 1e-2
+  # The key vectors' load issued before (kvec_early=0) or under Q·Kᵀ: same numbers.
+  out0, lse0 = pallas_gpu.forward(q, k, v, tq, tk, sigma, scale=d ** -0.5, spec=spec,
+                                  q_segment_ids=qs, kv_segment_ids=ks, interpret=True,
+                                  block_q=64, block_kv=64, kvec_early=0)
+  np.testing.assert_array_equal(np.asarray(out0, np.float32), out)
+  np.testing.assert_array_equal(np.asarray(lse0), lse)
 
 
 def test_interpret_grouped_heads_with_per_head_band_lists():
@@ -187,6 +193,8 @@ def test_block_options_are_validated_with_the_offending_key():
     pallas_gpu._blocks({"regs_bwd": 236}, 128)
   with pytest.raises(ValueError, match="regs=248"):  # would leave the memory warpgroup < 24
     pallas_gpu._blocks({"regs": 248}, 128)
+  with pytest.raises(ValueError, match="kvec_early=-1"):
+    pallas_gpu._blocks({"kvec_early": -1}, 128)
   with pytest.raises(ValueError, match="free_bwd=2"):
     pallas_gpu._blocks({"free_bwd": 2}, 128)
   # Ring releases on hardware barriers: 6 barriers, two operands -> at most 3 stages.

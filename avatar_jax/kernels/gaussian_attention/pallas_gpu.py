@@ -67,6 +67,9 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # 1: hardware barriers (consumers bar.arrive, which does not block; the memory warpgroup
 # bar.syncs, no polling); 0: an mbarrier per slot. Forward −3..−5 % with 1 (runs 33–37);
 # backward unchanged (run 35), so it keeps the mbarriers.
+# kvec_early: in the forward's unmasked steps, wait for the key vectors and load them from
+# shared memory while Q·Kᵀ is in flight instead of after it (the load's latency was exposed
+# before the Gaussian term): −4..−8 % at D128 (runs 39–41), bit-identical.
 _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240, regs_bwd=240,
                        free=1, free_bwd=0, kvec_early=1,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
