@@ -538,22 +538,18 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         def step(j, carry, masked):
           acc, m, l = carry
           slot = lax.rem(g0 + j, jnp.array(stages, j.dtype))
+          def load_krow():  # [g, masks...] of this key tile (g only in unmasked steps)
+            plgpu.barrier_wait(kv_bar.at[slot])
+            n_load = nr if masked else 1
+            return [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(n_load)]
+
           # This step's K was waited for while the previous P·V ran (or below, at j = 0).
-          if kvec_early and not masked:
-            def give_and_load():  # the key vector's shared-memory load under Q·Kᵀ
-              give()
-              plgpu.barrier_wait(kv_bar.at[slot])
-              return _load(kv_smem.at[slot, 0], col_l, interpret)
-            s, k0 = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret,
-                        after_issue=give_and_load)
-            krow = [k0]
+          if kvec_early and not masked:  # the key vector's shared-memory load under Q·Kᵀ
+            s, krow = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret,
+                          after_issue=lambda: (give(), load_krow())[1])
           else:
             s = _mm(shape, q_smem, k_smem.at[slot], interpret=interpret, after_issue=give)
-            plgpu.barrier_wait(kv_bar.at[slot])
-            if masked:
-              krow = [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(nr)]
-            else:
-              krow = [_load(kv_smem.at[slot, 0], col_l, interpret)]
+            krow = load_krow()
           release_k(slot)
           dg = bc_q(qrow["g"]) - bc_k(krow[0])
           s = s - dg * dg  # q·k units: the scale is applied inside exp2's argument
