@@ -9,15 +9,18 @@ Times forward and forward+backward (VJP w.r.t. q, k, v and σ) of
     materialised as a [1, H, Nq, Nk] array from σ inside the timed function, so dσ comes from
     autodiff through the bias.
 
-Timing: after 3 warm-up calls, `--reps` rounds; in each round every implementation of the
-shape is sampled once (interleaved, so clock drift hits all alike); a sample is the wall time
-of k back-to-back calls (k ≈ 20 ms worth, rotating over up to 3 input sets of fresh random
-normal data so repeated calls do not hit in L2) ended by block_until_ready, divided by k. The
-median sample is reported, with the (max − min)/median spread in the JSON. FLOP convention: forward = 4·B·H·Nq·Nk·D (two matmuls, every pair
-counted, no causal discount — the benchmark shapes have no mask), forward+backward = 3.5× that
-(the usual 2 + 5 matmul count). Band skipping is reported against the dense FLOP count, so its
-"TF/s" is an effective rate. Memory: XLA's compiled temp + output bytes of the timed function
-(inputs excluded), from `compiled.memory_analysis()`.
+Timing: after 3 warm-up calls, `--reps` rounds; in each round every implementation of the shape
+is sampled once (interleaved, so clock drift hits all alike), in an order shuffled anew each
+round (seeded), because a sample's time depends on what ran just before it (likely the clock
+after a power-hungry peer): in a fixed order, two forward kernels that time the same shuffled
+measured 5 % apart. A sample is the wall time of k back-to-back calls (k ≈ 20 ms worth,
+rotating over up to 3 input sets of fresh random normal data so repeated calls do not hit in
+L2) ended by block_until_ready, divided by k. The median sample is reported, with the (max −
+min)/median spread in the JSON. FLOP convention: forward = 4·B·H·Nq·Nk·D (two matmuls, every
+pair counted, no causal discount — the benchmark shapes have no mask), forward+backward = 3.5×
+that (the usual 2 + 5 matmul count). Band skipping is reported against the dense FLOP count, so
+its "TF/s" is an effective rate. Memory: XLA's compiled temp + output bytes of the timed
+function (inputs excluded), from `compiled.memory_analysis()`.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import argparse
 import datetime
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -110,7 +114,8 @@ def sample(compiled, arg_sets, inner):
 
 def run_shape(name, variants, reps, dtype, log):
   """variants: list of (label, peer, blocks). Rows of all variants, timed in interleaved rounds
-  (each round samples every variant once) so clock or thermal drift hits all of them alike."""
+  (each round samples every variant once, in a shuffled order) so clock or thermal drift and
+  the power draw of the variant before hit all of them alike."""
   b, nq, nk, h, d, fq, fk, (s_lo, s_hi), cutoff = SHAPES[name]
   hkv = KV_HEADS.get(name, h)
   t_q = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.float32) / fq, (b, nq))
@@ -162,8 +167,9 @@ def run_shape(name, variants, reps, dtype, log):
         row["error"] = msg
         traceback.print_exc(file=log)
   samples = {id(r): [] for r, *_ in live}
+  order = random.Random(0)
   for _ in range(reps):
-    for row, compiled, args, inner in live:
+    for row, compiled, args, inner in order.sample(live, len(live)):
       samples[id(row)].append(sample(compiled, args, inner))
   for row, *_ in live:
     t = statistics.median(samples[id(row)])
