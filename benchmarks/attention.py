@@ -49,6 +49,8 @@ SHAPES = {
     "band_b1_n32768_sigma_le_2fr": (1, 32768, 32768, 16, 128, 25.0, 25.0, (0.02, 0.08), 20.0),
     # grouped heads: 16 query heads on 4 K/V heads (same FLOPs as self_b4_n4096)
     "gqa_b4_n4096_hkv4": (4, 4096, 4096, 16, 128, 25.0, 25.0, (0.04, 2.0), None),
+    # a length that is not a multiple of the tiles (160 s of video at 25 fps)
+    "ragged_b4_n4000": (4, 4000, 4000, 16, 128, 25.0, 25.0, (0.04, 2.0), None),
     "smoke": (1, 256, 256, 2, 64, 25.0, 25.0, (0.04, 2.0), None),  # script check, not reported
 }
 KV_HEADS = {"gqa_b4_n4096_hkv4": 4}  # K/V heads where fewer than the query heads

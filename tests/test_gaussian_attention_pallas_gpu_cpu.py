@@ -204,3 +204,18 @@ def test_block_options_are_validated_with_the_offending_key():
   assert pallas_gpu._blocks({"num_stages": 4, "free": 0}, 128)["num_stages"] == 4
   with pytest.raises(ValueError, match="num_stages_bwd=4 with free_bwd=1"):
     pallas_gpu._blocks({"num_stages_bwd": 4, "free_bwd": 1}, 128)
+
+
+def test_operands_are_padded_only_where_tma_needs_it():
+  """Compiled kernels read q/k/v unpadded when the length is a multiple of 8 (TMA zero-fills
+  the rest of the last tile; the GPU suite's odd lengths check the results); other lengths get
+  the next multiple of 8. The interpreter clamps slices, so there the operands fill whole tiles."""
+  x = jnp.arange(2 * 200 * 3, dtype=jnp.float32).reshape(2, 200, 3)
+  assert pallas_gpu._pad_rows(x, 256, interpret=False) is x  # no copy
+  y = pallas_gpu._pad_rows(x[:, :197], 256, interpret=False)
+  assert y.shape == (2, 200, 3)
+  np.testing.assert_array_equal(y[:, :197], x[:, :197])
+  assert not np.any(y[:, 197:])
+  z = pallas_gpu._pad_rows(x, 256, interpret=True)
+  assert z.shape == (2, 256, 3) and not np.any(z[:, 200:])
+  np.testing.assert_array_equal(z[:, :200], x)

@@ -29,8 +29,14 @@ Design (see docs/notes/attention_gpu.md for measurements):
   summed outside. For grouped heads a dK/dV CTA streams the query blocks of every query head
   of its K/V head, so dK/dV are summed over the group in its fp32 accumulators.
 
-All block sizes are multiples of 64 (wgmma/TMA tiling); sequence lengths are padded up outside
-the kernels (padded keys get segment id −1, so they are masked; padded query rows are dropped).
+All block sizes are multiples of 64 (wgmma/TMA tiling). Sequence lengths need not be: the
+per-position vectors (times, segment ids) are padded up to the tiles outside the kernels
+(padded keys get segment id −1, so they are masked; padded query rows get lse = +inf in the
+backward, so their P is 0), while q/k/v/dout are used as they are when their length is a
+multiple of 8: TMA fills rows past the end with zeros on load and drops them on store, so no
+copy of the operands is made (other lengths are padded to the next multiple of 8, which TMA's
+8-row tiles need). The interpreter clamps out-of-range slices instead, so under
+``interpret=True`` the operands are padded to whole tiles.
 
 Interpret mode (``interpret=True``) runs the same kernels under Mosaic GPU's CPU interpreter
 (jax >= 0.10): same grid, warpgroups, TMA copies, barriers and loops. The interpreter has no
@@ -98,6 +104,7 @@ def _interpret_params(interpret):
 # ----------------------------------------------------------------------------------------------
 
 
+_TMA_ROWS = 8  # rows of the (8, 64) shared-memory tiles: TMA needs row counts that divide by it
 _SCHED_BAR = 8  # hardware barriers 8 and 9; Mosaic GPU itself uses the low ids
 _FREE_BAR = 10  # ring releases (free=1): hardware barriers 10 .. 15
 
@@ -224,8 +231,12 @@ def _grouped_lists(codes, h, rep):
   return jnp.swapaxes(codes, 2, 3).reshape(b, h // rep, n_t, rep * n_b)
 
 
-def _pad_rows(x, n_to):
-  """Zero-pads axis 1 of x to n_to."""
+def _pad_rows(x, n_to, interpret):
+  """Zero-pads axis 1 of x to n_to under the interpreter. Compiled kernels read x as it is
+  (TMA zero-fills the rows past its end) if its length is a multiple of the shared-memory
+  tiles' 8 rows, which TMA needs; otherwise it is padded to the next multiple of 8."""
+  if not interpret:
+    n_to = common.round_up(x.shape[1], _TMA_ROWS)
   if x.shape[1] == n_to:
     return x
   return jnp.pad(x, [(0, 0), (0, n_to - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
@@ -469,7 +480,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
   rep = h // hkv
   nr = qvec.shape[2]
   tile_q = 2 * block_q
-  n_tiles = nq // tile_q
+  n_tiles = qvec.shape[-1] // tile_q  # the vectors are padded to whole tiles, q need not be
   n_items = h * n_tiles * b
   n_ctas = _num_ctas(n_items, interpret)
   dtype = q.dtype
@@ -648,7 +659,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
       plgpu.Barrier(num_arrivals=2),
   ]
   out_type = [jax.ShapeDtypeStruct(q.shape, dtype),
-              jax.ShapeDtypeStruct((b, h, nq), jnp.float32)]
+              # whole tiles: 1-D stores past the end of a row gave wrong results
+              jax.ShapeDtypeStruct((b, h, n_tiles * tile_q), jnp.float32)]
   kernel = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch,
       grid=(n_ctas,), grid_names=("c",),
@@ -676,7 +688,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
   rep = h // hkv
   nr = kvec.shape[2]
   tile_q = 2 * block_q
-  n_tiles = nq // tile_q
+  n_tiles = qvec.shape[-1] // tile_q  # the vectors are padded to whole tiles, q need not be
   dtype = q.dtype
   stages = num_stages
   row_l = plgpu.Layout.WGMMA.reduce(1)
@@ -793,7 +805,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
   ]
   kernel = plgpu.kernel(
       body, out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
-                      jax.ShapeDtypeStruct((b, h, nq), jnp.float32)],
+                      jax.ShapeDtypeStruct((b, h, n_tiles * tile_q), jnp.float32)],
       scratch_types=scratch,
       grid=(h, n_tiles, b), grid_names=("h", "t", "b"),
       num_threads=3, thread_name="wg",
@@ -826,8 +838,8 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
   nqr = qvec.shape[2]
   nkr = kvec.shape[2]
   tile_k = 2 * block_kv
-  n_tiles = nk // tile_k
-  n_qb = nq // block_q
+  n_tiles = kvec.shape[-1] // tile_k  # the vectors are padded to whole tiles, k/q need not be
+  n_qb = qvec.shape[-1] // block_q
   dtype = q.dtype
   stages = num_stages
   row_l = plgpu.Layout.WGMMA.reduce(1)
@@ -979,7 +991,8 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
   ]
   out_type = [jax.ShapeDtypeStruct((b, nk, hkv, d), dtype),
               jax.ShapeDtypeStruct((b, nk, hkv, d), dtype),
-              jax.ShapeDtypeStruct((b, h, nk), jnp.float32)]
+              # whole tiles: 1-D stores past the end of a row gave wrong results
+              jax.ShapeDtypeStruct((b, h, n_tiles * tile_k), jnp.float32)]
   kernel = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch,
       grid=(hkv, n_tiles, b), grid_names=("h", "t", "b"),
@@ -1039,9 +1052,9 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
                q_mult=q_mult, k_mult=k_mult, qk_units=True)
   codes = prep.codes(2 * cfg["block_q"], cfg["block_kv"])
   order, n_part, n_full = block_lists(codes)
-  qp = _pad_rows(q, prep.nq_p)
-  kp = _pad_rows(k, prep.nk_p)
-  vp = _pad_rows(v, prep.nk_p)
+  qp = _pad_rows(q, prep.nq_p, interpret)
+  kp = _pad_rows(k, prep.nk_p, interpret)
+  vp = _pad_rows(v, prep.nk_p, interpret)
   out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, prep.kvec, order, n_part, n_full,
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
@@ -1067,8 +1080,9 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   lse2 = jnp.pad(lse2, [(0, 0), (0, 0), (0, pad_q)], constant_values=jnp.inf)
   delta = jnp.pad(delta, [(0, 0), (0, 0), (0, pad_q)])
   qvec_b = jnp.concatenate([lse2[:, :, None], delta[:, :, None], prep.qvec], axis=2)
-  qp, dop = _pad_rows(q, prep.nq_p), _pad_rows(dout.astype(q.dtype), prep.nq_p)
-  kp, vp = _pad_rows(k, prep.nk_p), _pad_rows(v, prep.nk_p)
+  qp = _pad_rows(q, prep.nq_p, interpret)
+  dop = _pad_rows(dout.astype(q.dtype), prep.nq_p, interpret)
+  kp, vp = _pad_rows(k, prep.nk_p, interpret), _pad_rows(v, prep.nk_p, interpret)
   kw = dict(scale=float(scale), scale_log2=prep.scale_log2, spec=spec, interpret=interpret,
             regs=cfg["regs_bwd"], free=cfg["free_bwd"])
 
