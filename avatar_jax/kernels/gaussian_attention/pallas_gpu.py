@@ -475,8 +475,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
   output store) overlap work instead of leaving the SM idle.
   """
   pl, plgpu = _plgpu()
-  b, nq, h, d = q.shape
-  nk, hkv = k.shape[1], k.shape[2]
+  b, _, h, d = q.shape
+  hkv = k.shape[2]
   rep = h // hkv
   nr = qvec.shape[2]
   tile_q = 2 * block_q
@@ -683,7 +683,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
   cancellation of Σ_j dS_ij = 0 (see :func:`_dkv_call`).
   """
   pl, plgpu = _plgpu()
-  b, nq, h, d = q.shape
+  b, _, h, d = q.shape
   hkv = k.shape[2]
   rep = h // hkv
   nr = kvec.shape[2]
@@ -832,7 +832,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
   the rep dσ partials are accumulated in shared memory (in registers they made ptxas spill).
   """
   pl, plgpu = _plgpu()
-  b, nq, h, d = q.shape
+  b, _, h, d = q.shape
   nk, hkv = k.shape[1], k.shape[2]
   rep = h // hkv
   nqr = qvec.shape[2]
