@@ -131,12 +131,14 @@ def test_interpret_persistent_forward_with_empty_items():
         q_segment_ids=qs, kv_segment_ids=ks)
   keep = q_ids != 5
   assert _rel(out[keep], np.asarray(ref)[keep]) < 1e-2
-  # The key vectors' load issued before (kvec_early=0) or under Q·Kᵀ: same numbers.
-  out0, lse0 = pallas_gpu.forward(q, k, v, tq, tk, sigma, scale=d ** -0.5, spec=spec,
-                                  q_segment_ids=qs, kv_segment_ids=ks, interpret=True,
-                                  block_q=64, block_kv=64, kvec_early=0)
-  np.testing.assert_array_equal(np.asarray(out0, np.float32), out)
-  np.testing.assert_array_equal(np.asarray(lse0), lse)
+  # The key vectors' load issued before (kvec_early=0) or under Q·Kᵀ, Q read from shared
+  # memory by every product (q_regs=0) or held in registers: same numbers.
+  for knob in ({"kvec_early": 0}, {"q_regs": 0}):
+    out0, lse0 = pallas_gpu.forward(q, k, v, tq, tk, sigma, scale=d ** -0.5, spec=spec,
+                                    q_segment_ids=qs, kv_segment_ids=ks, interpret=True,
+                                    block_q=64, block_kv=64, **knob)
+    np.testing.assert_array_equal(np.asarray(out0, np.float32), out)
+    np.testing.assert_array_equal(np.asarray(lse0), lse)
 
 
 def test_interpret_grouped_heads_with_per_head_band_lists():
@@ -195,6 +197,8 @@ def test_block_options_are_validated_with_the_offending_key():
     pallas_gpu._blocks({"regs": 248}, 128)
   with pytest.raises(ValueError, match="kvec_early=-1"):
     pallas_gpu._blocks({"kvec_early": -1}, 128)
+  with pytest.raises(ValueError, match="q_regs=2"):
+    pallas_gpu._blocks({"q_regs": 2}, 128)
   with pytest.raises(ValueError, match="free_bwd=2"):
     pallas_gpu._blocks({"free_bwd": 2}, 128)
   # Ring releases on hardware barriers: 6 barriers, two operands -> at most 3 stages.
