@@ -8,7 +8,7 @@ Design (see docs/notes/attention_gpu.md for measurements):
   A CTA = 3 warpgroups. Warpgroups 0 and 1 each own ``block_q`` query rows of the item (a
   tile is ``2·block_q`` rows); warpgroup 2 only issues TMA copies of K, V and the per-key
   vectors into a ``num_stages``-deep shared-memory ring that runs across items. Q·Kᵀ and P·V run on wgmma with fp32
-  accumulators; the two compute warpgroups take turns on the tensor cores through two hardware
+  accumulators, Q and P from registers; the two compute warpgroups take turns on the tensor cores through two hardware
   named barriers (each waits on its own before P·V and signals the other's after issuing
   Q·Kᵀ), so one's exponentials overlap the other's matmuls; the wait for the next K tile is
   issued while the P·V product runs.
