@@ -7,11 +7,11 @@ Design (see docs/notes/attention_gpu.md for measurements):
 * Forward: persistent, one CTA per multiprocessor walking (batch, head, query tile) items.
   A CTA = 3 warpgroups. Warpgroups 0 and 1 each own ``block_q`` query rows of the item (a
   tile is ``2·block_q`` rows); warpgroup 2 only issues TMA copies of K, V and the per-key
-  vectors into a ``num_stages``-deep shared-memory ring that runs across items. Q·Kᵀ and P·V run on wgmma with fp32
-  accumulators, Q and P from registers; the two compute warpgroups take turns on the tensor cores through two hardware
-  named barriers (each waits on its own before P·V and signals the other's after issuing
-  Q·Kᵀ), so one's exponentials overlap the other's matmuls; the wait for the next K tile is
-  issued while the P·V product runs.
+  vectors into a ``num_stages``-deep shared-memory ring that runs across items. Q·Kᵀ and P·V
+  run on wgmma with fp32 accumulators, Q and P from registers; the two compute warpgroups take
+  turns on the tensor cores through two hardware named barriers (each waits on its own before
+  P·V and signals the other's after issuing Q·Kᵀ), so one's exponentials overlap the other's
+  matmuls; the wait for the next K tile is issued while the P·V product runs.
 * The Gaussian term is folded into per-position vectors: with g_h = sqrt(log2(e) / (2σ_h²)),
   ``(t_q − t_k)²·log2(e)/(2σ_h²) = (g_h·t_q − g_h·t_k)²``, so the kernel needs one float per
   query row and one per key column and never sees σ. The backward kernels work with logits
@@ -76,7 +76,7 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # kvec_early: in the forward's unmasked steps, wait for the key vectors and load them from
 # shared memory while Q·Kᵀ is in flight instead of after it (the load's latency was exposed
 # before the Gaussian term): −4..−8 % at D128 (runs 39–41), bit-identical.
-# q_regs: the forward's Q·Kᵀ takes Q from registers (32 per thread, loaded once per item)
+# q_regs: the forward's Q·Kᵀ takes Q from registers (D/4 per thread, loaded once per item)
 # instead of shared memory: −0.2..−1.6 % in all six shuffled comparisons (run 65), bit-identical.
 _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240, regs_bwd=240,
                        free=1, free_bwd=0, kvec_early=1, q_regs=1,
