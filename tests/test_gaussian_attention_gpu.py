@@ -155,6 +155,23 @@ def test_lse_and_empty_rows():
   assert np.all(np.isfinite(out[:, 50:]))
 
 
+def test_affine_key_steps_agree_with_per_key_steps():
+  """On regular grids the forward's fully visible steps use the key blocks' line fits
+  (affine_k=1, the default); the per-key form (affine_k=0) must agree to bf16 rounding."""
+  from avatar_jax.kernels.gaussian_attention import pallas_gpu
+  for case in ("dense_n1024_d128", "cross_video_audio"):
+    q, k, v, tq, tk, sigma, _, _, _ = _inputs(case, 11)
+    qs, ks = common.normalise_segment_ids(None, None, q.shape[0], q.shape[1], k.shape[1])
+    kw = dict(scale=q.shape[-1] ** -0.5, spec=common.MaskSpec(), q_segment_ids=qs,
+              kv_segment_ids=ks)
+    outs = [jax.jit(lambda *a, f=f: pallas_gpu.forward(*a, affine_k=f, **kw))(
+        q, k, v, tq, tk, sigma) for f in (0, 1)]
+    (o0, l0), (o1, l1) = outs
+    assert _rel(o1, o0) < 2e-3, case
+    assert not np.array_equal(np.asarray(o1), np.asarray(o0)), "line-fit steps did not run"
+    np.testing.assert_allclose(np.asarray(l1), np.asarray(l0), rtol=0, atol=2e-3)
+
+
 @pytest.mark.parametrize("d,h,hkv", [(64, 2, 2), (128, 2, 2), (128, 4, 1)])
 def test_band_skipping_matches_dense_and_skips(d, h, hkv):
   """bias_cutoff drops far blocks; with a generous cutoff the result equals the dense one.

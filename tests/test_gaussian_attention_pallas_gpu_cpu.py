@@ -179,6 +179,65 @@ def test_interpret_grouped_heads_with_per_head_band_lists():
                           (out, dq, dk, dv, dsig))
 
 
+def test_affine_key_blocks_are_found_and_reproduce_the_coordinates():
+  """Regular grids (25 fps, 50 Hz with an offset, 4-frame latents, 160 s long) fit lines per
+  block within 8 ulps of the block's largest |t − t_ref|; irregular blocks and a 1 ms jitter
+  do not. g_0 + j·(g_h·dt) then reproduces every Gaussian coordinate of an affine block."""
+  rng = np.random.default_rng(3)
+  n, bk = 4096, 128
+  grids = [np.arange(n) / 25, np.arange(n) / 50 + 0.37, np.arange(n) * 4 / 25, np.arange(n) / 25]
+  jitter = np.arange(n) / 25
+  jitter[300] += 1e-3  # block 2
+  grids.append(jitter)
+  grids.append(np.sort(rng.uniform(0, n / 25, n)))
+  t = jnp.asarray(np.stack(grids), jnp.float32)  # [B=6, N]
+  t_ref = t[:, :1] - 0.5
+  dt, ok = (np.asarray(x) for x in pallas_gpu.affine_keys(t, t_ref, bk))
+  assert ok.shape == dt.shape == (6, n // bk)
+  assert ok[:4].all()
+  assert not ok[4, 2] and ok[4, :2].all() and ok[4, 3:].all()
+  assert not ok[5].any()
+  for g in (0.3, 40.0):  # a wide and a narrow head (q·k units)
+    coords = np.asarray(g * (t - t_ref), np.float64).reshape(6, n // bk, bk)
+    fit = coords[..., :1] + np.arange(bk) * (g * dt)[..., None]
+    err = np.abs(fit - coords).max(-1) / np.abs(coords).max(-1)
+    assert err[:4].max() <= 2.0 ** -19
+  # An item runs the line-fit loop only if every fully visible block of it is affine.
+  codes = jnp.asarray(rng.integers(0, 3, (6, 1, 5, n // bk)), jnp.int32)
+  order, n_p, n_f = pallas_gpu.block_lists(codes)
+  items = np.asarray(pallas_gpu.affine_items(jnp.asarray(ok), order, n_p, n_f))
+  assert items.shape == (6, 1, 5)
+  for bi, _, ti in np.ndindex(items.shape):
+    full = np.flatnonzero(np.asarray(codes)[bi, 0, ti] == common.FULL)
+    assert items[bi, 0, ti] == int(ok[bi, full].all())
+
+
+def test_interpret_affine_key_steps_match_float64_reference():
+  """Fully visible steps over affine key blocks (the line-fit loop) next to items that must
+  keep the per-key loop (an irregular block in batch 0), causal masks in front."""
+  b, nq, nk, h, d = 2, 256, 256, 2, 64
+  q, k, v, _, _, _ = _inputs(7, b, nq, nk, h, h, d)
+  tq = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.float32) / 25, (b, nq))
+  tk = np.broadcast_to(np.arange(nk, dtype=np.float32) / 50 + 0.3, (b, nk)).copy()
+  tk[0, 64:128] = np.sort(np.random.default_rng(8).uniform(1.28, 2.56, 64))
+  tk = jnp.asarray(tk)
+  sigma = jnp.asarray([0.04, 0.6], jnp.float32)
+  for spec in (common.MaskSpec(), common.MaskSpec(causal=True)):
+    qs, ks = common.normalise_segment_ids(None, None, b, nq, nk)
+    kw = dict(scale=d ** -0.5, spec=spec, q_segment_ids=qs, kv_segment_ids=ks, interpret=True,
+              block_q=64, block_kv=64)
+    out, lse = pallas_gpu.forward(q, k, v, tq, tk, sigma, affine_k=1, **kw)
+    out0, lse0 = pallas_gpu.forward(q, k, v, tq, tk, sigma, affine_k=0, **kw)
+    with jax.enable_x64(True):
+      c = lambda x: jnp.asarray(np.asarray(x, np.float64))
+      ref = reference.gaussian_attention_segments(
+          c(q), c(k), c(v), c(tq), c(tk), c(sigma), scale=d ** -0.5, spec=spec,
+          q_segment_ids=qs, kv_segment_ids=ks)
+    assert _rel(out, ref) < 1e-2
+    assert abs(_rel(out, ref) - _rel(out0, ref)) < 1e-4
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse0), rtol=1e-5, atol=1e-4)
+
+
 def test_block_options_are_validated_with_the_offending_key():
   cfg = pallas_gpu._blocks({"sched": 0, "block_kv": 64}, 128)
   assert cfg["sched"] == 0 and cfg["block_kv"] == 64 and cfg["block_q"] == 64
@@ -199,6 +258,8 @@ def test_block_options_are_validated_with_the_offending_key():
     pallas_gpu._blocks({"kvec_early": -1}, 128)
   with pytest.raises(ValueError, match="q_regs=2"):
     pallas_gpu._blocks({"q_regs": 2}, 128)
+  with pytest.raises(ValueError, match="affine_k=3"):
+    pallas_gpu._blocks({"affine_k": 3}, 128)
   with pytest.raises(ValueError, match="free_bwd=2"):
     pallas_gpu._blocks({"free_bwd": 2}, 128)
   # Ring releases on hardware barriers: 6 barriers, two operands -> at most 3 stages.

@@ -78,8 +78,13 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # before the Gaussian term): −4..−8 % at D128 (runs 39–41), bit-identical.
 # q_regs: the forward's Q·Kᵀ takes Q from registers (D/4 per thread, loaded once per item)
 # instead of shared memory: −0.2..−1.6 % in all six shuffled comparisons (run 65), bit-identical.
+# affine_k: the forward's fully visible steps over key blocks on a regular time grid form the
+# Gaussian term from the block's line fit (g_0, δ) with immediate column offsets, without the
+# key vector: −1.5..−3.7 % (B4 N4096, B1 N8192), −0..−2 % (cross-attention D64) in shuffled
+# A/B runs through the API (runs 74, 76–77); other blocks keep the per-key vector. The
+# Gaussian term costs 11–12 % of the forward (run 68).
 _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240, regs_bwd=240,
-                       free=1, free_bwd=0, kvec_early=1, q_regs=1,
+                       free=1, free_bwd=0, kvec_early=1, q_regs=1, affine_k=1,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
@@ -212,6 +217,90 @@ def position_vectors(t, seg, g, spec: common.MaskSpec, *, keys: bool):
   return jnp.stack(rows, axis=2).astype(jnp.float32)
 
 
+# affine_k: key blocks whose Gaussian coordinates lie on a line, g_j = g_0 + j·δ (any regular
+# time grid: video frames, audio tokens, latent frames), let the forward's unmasked steps form
+# g_q − g_j from two numbers per block, with the column offsets j as instruction immediates
+# (_pen_affine), instead of loading a key vector from shared memory every step.
+_AFFINE_ULPS = 2.0 ** -20  # fit tolerance relative to the block's largest |t − t_ref|: 8 ulps
+
+
+def affine_keys(t_k, t_ref, block_kv):
+  """Line fits of the key times per block (they do not depend on σ).
+
+  t_k [B, Nk] float32 (Nk % block_kv == 0), t_ref [B, 1] the Gaussian coordinates' reference
+  time. Returns (dt [B, Nk // block_kv]: the step of the block's line, ok [B, Nk // block_kv]
+  bool: every time of the block within _AFFINE_ULPS·max|t − t_ref| of t_0 + j·dt). The kernels'
+  own float32 coordinates g·(t − t_ref) carry errors of a few ulps, which this tolerance
+  matches; the line of a head's coordinates is then g_0 + j·(g_h·dt) with g_0 its first one.
+  """
+  b, n = t_k.shape
+  blk = (t_k - t_ref).reshape(b, n // block_kv, block_kv)
+  dt = (blk[..., -1] - blk[..., 0]) / max(block_kv - 1, 1)
+  j = jnp.arange(block_kv, dtype=jnp.float32)
+  resid = jnp.max(jnp.abs(blk - (blk[..., :1] + j * dt[..., None])), axis=-1)
+  return dt, resid <= _AFFINE_ULPS * jnp.max(jnp.abs(blk), axis=-1)
+
+
+def affine_items(ok, order, n_part, n_full):
+  """[B, Hc, nT] int32: 1 where every fully visible block of the item (b, head codes, query
+  tile) is affine (ok [B, nB]; order/n_part/n_full from :func:`block_lists`)."""
+  hit = jnp.take_along_axis(jnp.broadcast_to(ok[:, None, None, :], order.shape), order, axis=-1)
+  pos = jnp.arange(order.shape[-1])
+  full = (pos >= n_part[..., None]) & (pos < (n_part + n_full)[..., None])
+  return jnp.all(jnp.where(full, hit, True), axis=-1).astype(jnp.int32)
+
+
+def _pen_affine(s, r, delta, interpret):
+  """s − (r_i − j·δ)² for logits s [rows, N] (WGMMA layout), r [rows] (row layout) and the
+  scalar δ, with j the column. Compiled, the column offsets are immediates: register
+  (r0, n, ., ., hf) of the WGMMA layout holds columns 8·n + 2·(lane % 4) + {0, 1}, so
+  (r − 2·(lane % 4)·δ) − (8·n + {0, 1})·δ is one fused multiply-add per logit, then one more
+  for the square."""
+  if interpret:
+    cols = jnp.arange(s.shape[1], dtype=jnp.float32) * delta
+    dg = r[:, None] - cols[None, :]
+    return s - dg * dg
+  _, plgpu = _plgpu()
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental.mosaic import gpu as mgpu  # pylint: disable=g-import-not-at-top
+  from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.lib.mlir.dialects import arith, math as mlir_math, vector
+
+  def scalar(x):
+    if isinstance(x.type, ir.VectorType):
+      return vector.extract(x, dynamic_position=[],
+                            static_position=ir.DenseI64ArrayAttr.get([0]))
+    return x
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WG_SPLAT),
+      return_type=plgpu.ShapeDtypeStruct(s.shape, jnp.float32, layout=plgpu.Layout.WGMMA))
+  def pen(_, s, r, delta):
+    f32 = ir.F32Type.get()
+    i32 = ir.IntegerType.get_signless(32)
+    pair = ir.VectorType.get((2,), f32)
+    quad = arith.uitofp(f32, arith.remui(mgpu.utils.thread_idx(), mgpu.utils.c(4, i32)))
+    d = scalar(delta.registers[()])
+    neg_d = vector.broadcast(pair, arith.negf(d))
+    shift = arith.mulf(quad, arith.addf(d, d))  # 2·(lane % 4)·δ
+    assert s.registers.ndim == 9 and s.registers.shape[4] == 2, s.registers.shape
+    bases = {}
+    regs = np.empty_like(s.registers)
+    for idx in np.ndindex(s.registers.shape):
+      row = (idx[0], idx[4])
+      if row not in bases:
+        rr = scalar(r.registers[(idx[0], 0, idx[4], 0, 0)])
+        bases[row] = vector.broadcast(pair, arith.subf(rr, shift))
+      cols = arith.constant(pair, ir.DenseElementsAttr.get(
+          np.array([8 * idx[1], 8 * idx[1] + 1], np.float32), type=pair))
+      dg = mlir_math.fma(cols, neg_d, bases[row])
+      regs[idx] = mlir_math.fma(arith.negf(dg), dg, s.registers[idx])
+    return mgpu.FragmentedArray(_registers=regs, _layout=s.layout, _is_signed=None)
+
+  return pen(s, r, delta)
+
+
 def block_lists(codes):
   """codes [B, Hc, nT, nB] → (order [B, Hc, nT, nB] int32, n_partial, n_full [B, Hc, nT]).
 
@@ -271,6 +360,7 @@ class _Prep:
     g = jnp.sqrt(self.inv * (LOG2E / self.scale_log2 if qk_units else LOG2E))
     # A common reference time for both sides keeps g·t small without changing differences.
     t0 = jnp.minimum(tq[:, :1], tk[:, :1])
+    self.g, self.t_ref = g, t0
     self.qvec = position_vectors(tq, qs, g, spec, keys=False)
     self.kvec = position_vectors(tk, ks, g, spec, keys=True)
     shift = (g[None, :] * (tq[:, :1] - t0))[:, :, None]
@@ -465,9 +555,9 @@ def _num_ctas(n_items, interpret):
   return max(1, min(sms, n_items))
 
 
-def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, block_q,
-              block_kv, num_stages, head_codes, interpret, sched, regs, free, kvec_early,
-              q_regs):
+def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_log2, spec,
+              block_q, block_kv, num_stages, head_codes, interpret, sched, regs, free,
+              kvec_early, q_regs):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
   Item i = tile + n_tiles·(h + H·b): the CTAs running at the same time cover few heads, so
@@ -476,9 +566,15 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
   items) and each compute warpgroup loads the next item's Q into the other half of a double
   buffer while it works on the current one, so per-item fill and drain (Q load, first K/V,
   output store) overlap work instead of leaving the SM idle.
+
+  n_aff [B, Hc, nT] int32 (affine_k): 1 runs an item's fully visible steps with the line fit
+  of its key coordinates, g_0 from kvec's first row and the step g_h·dt from its last row
+  (:func:`affine_keys`); None: never.
   """
   pl, plgpu = _plgpu()
   b, _, h, d = q.shape
+  affine = n_aff is not None
+  r_aff = kvec.shape[2] - 1
   hkv = k.shape[2]
   rep = h // hkv
   nr = qvec.shape[2]
@@ -492,9 +588,11 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
   col_l = plgpu.Layout.WGMMA.reduce(0)
   names = ("g",) + _mask_rows(spec)
 
-  def body(q_ref, k_ref, v_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, o_ref, lse_ref,
-           qo_smem, qv_smem, lse_smem2, k_smem, v_smem, kv_smem,
-           q_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free, sched_bar):
+  def body(q_ref, k_ref, v_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, *rest):
+    if affine:
+      aff_ref, *rest = rest
+    (o_ref, lse_ref, qo_smem, qv_smem, lse_smem2, k_smem, v_smem, kv_smem,
+     q_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free, sched_bar) = rest
     cta = lax.axis_index("c")
     wg = lax.axis_index("wg")
     # Items of this CTA: cta, cta + n_ctas, ...
@@ -533,7 +631,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
       bc_k = lambda x: lax.broadcast_in_dim(x, shape, [1])
 
       def item_body(i, g0):
-        bi, hi, ti, _, n_p, steps = item_coords(i)
+        bi, hi, ti, hc, n_p, steps = item_coords(i)
         buf = lax.rem(i, jnp.array(2, i.dtype))
         q_smem = qo_smem.at[buf, wg]
         plgpu.barrier_wait(q_bar.at[buf * 2 + wg])
@@ -557,20 +655,30 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
           slot = lax.rem(g0 + j, jnp.array(stages, j.dtype))
           def load_krow():  # [g, masks...] of this key tile (g only in unmasked steps)
             plgpu.barrier_wait(kv_bar.at[slot])
-            n_load = nr if masked else 1
+            n_load = len(names) if masked else 1
             return [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(n_load)]
 
+          def load_line():  # g_0 and δ of this key tile's coordinates (affine steps)
+            plgpu.barrier_wait(kv_bar.at[slot])
+            return kv_smem[slot, 0, 0], kv_smem[slot, r_aff, 0]
+
           # This step's K was waited for while the previous P·V ran (or below, at j = 0).
-          if kvec_early and not masked:  # the key vector's shared-memory load under Q·Kᵀ
-            s, krow = _mm(shape, q_op, k_smem.at[slot], interpret=interpret,
-                          after_issue=lambda: (give(), load_krow())[1])
+          if masked == "affine":
+            s, (g0k, delta) = _mm(shape, q_op, k_smem.at[slot], interpret=interpret,
+                                  after_issue=lambda: (give(), load_line())[1])
+            release_k(slot)
+            s = _pen_affine(s, qrow["g"] - g0k, delta, interpret)
           else:
-            s = _mm(shape, q_op, k_smem.at[slot], interpret=interpret, after_issue=give)
-            krow = load_krow()
-          release_k(slot)
-          dg = bc_q(qrow["g"]) - bc_k(krow[0])
-          s = s - dg * dg  # q·k units: the scale is applied inside exp2's argument
-          if masked:
+            if kvec_early and not masked:  # the key vector's shared-memory load under Q·Kᵀ
+              s, krow = _mm(shape, q_op, k_smem.at[slot], interpret=interpret,
+                            after_issue=lambda: (give(), load_krow())[1])
+            else:
+              s = _mm(shape, q_op, k_smem.at[slot], interpret=interpret, after_issue=give)
+              krow = load_krow()
+            release_k(slot)
+            dg = bc_q(qrow["g"]) - bc_k(krow[0])
+            s = s - dg * dg  # q·k units: the scale is applied inside exp2's argument
+          if masked is True:
             rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
             rk = {nm: functools.partial(bc_k, krow[r + 1]) for r, nm in enumerate(names[1:])}
             s = _apply_mask(s, rq, rk, spec)
@@ -599,7 +707,11 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
         m = _cast(interpret, jnp.full((block_q,), _M_INIT, jnp.float32), row_l)
         l = _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l)
         carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (acc, m, l))
-        acc, m, l = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), carry)
+        n_line = n_p
+        if affine:  # an item's fully visible steps run in one of the two loops below
+          n_line = n_p + aff_ref[bi, hc, ti] * (steps - n_p)
+          carry = lax.fori_loop(n_p, n_line, functools.partial(step, masked="affine"), carry)
+        acc, m, l = lax.fori_loop(n_line, steps, functools.partial(step, masked=False), carry)
 
         # l >= 1 whenever a key was visible; rows with none keep acc = 0 and l = 0.
         inv_l = 1.0 / jnp.maximum(l, 1e-30)
@@ -654,7 +766,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
       plgpu.SMEM((2, block_q), jnp.float32),
       plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
       plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
-      plgpu.SMEM((stages, nr, block_kv), jnp.float32),
+      plgpu.SMEM((stages, kvec.shape[2], block_kv), jnp.float32),
       plgpu.Barrier(num_barriers=4),  # q_bar, [buf · 2 + wg]
       plgpu.Barrier(num_barriers=4),
       plgpu.Barrier(num_barriers=stages),
@@ -673,7 +785,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, *, scale_log2, spec, b
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret))
-  return kernel(q, k, v, qvec, kvec, order, n_part, n_full)
+  extra = (n_aff,) if affine else ()
+  return kernel(q, k, v, qvec, kvec, order, n_part, n_full, *extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1027,7 +1140,8 @@ def _blocks(block_sizes, head_dim, interpret=False):
   for name, val in cfg.items():
     if name.startswith("block") and (val % 64 or val <= 0):
       raise ValueError(f"pallas_gpu block size {name}={val} must be a positive multiple of 64")
-    if name in ("sched", "free", "free_bwd", "kvec_early", "q_regs") and val not in (0, 1):
+    switches = ("sched", "free", "free_bwd", "kvec_early", "q_regs", "affine_k")
+    if name in switches and val not in (0, 1):
       raise ValueError(f"pallas_gpu {name}={val} must be 0 or 1")
     if name.startswith("regs") and (val % 8 or not 200 <= val <= 240):
       raise ValueError(f"pallas_gpu {name}={val} must be a multiple of 8 in [200, 240]")
@@ -1061,7 +1175,13 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   qp = _pad_rows(q, prep.nq_p, interpret)
   kp = _pad_rows(k, prep.nk_p, interpret)
   vp = _pad_rows(v, prep.nk_p, interpret)
-  out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, prep.kvec, order, n_part, n_full,
+  kvec, n_aff = prep.kvec, None
+  if cfg["affine_k"]:
+    dt, ok = affine_keys(prep.tk, prep.t_ref, cfg["block_kv"])
+    step = prep.g[None, :, None, None] * jnp.repeat(dt, cfg["block_kv"], axis=1)[:, None, None]
+    kvec = jnp.concatenate([kvec, step], axis=2)  # [B, H, R + 1, Nk]
+    n_aff = affine_items(ok, order, n_part, n_full)
+  out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, kvec, order, n_part, n_full, n_aff,
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
                         head_codes=codes.shape[1] > 1, interpret=interpret, sched=cfg["sched"],
