@@ -650,12 +650,12 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
         # shared memory by each product.
         q_op = _load(q_smem, plgpu.Layout.WGMMA, interpret) if q_regs else q_smem
 
-        def step(j, carry, masked):
+        def step(j, carry, kind):  # kind: "masked", "full" or "line" (affine keys)
           acc, m, l = carry
           slot = lax.rem(g0 + j, jnp.array(stages, j.dtype))
           def load_krow():  # [g, masks...] of this key tile (g only in unmasked steps)
             plgpu.barrier_wait(kv_bar.at[slot])
-            n_load = len(names) if masked else 1
+            n_load = len(names) if kind == "masked" else 1
             return [_load(kv_smem.at[slot, r], col_l, interpret) for r in range(n_load)]
 
           def load_line():  # g_0 and δ of this key tile's coordinates (affine steps)
@@ -663,13 +663,13 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
             return kv_smem[slot, 0, 0], kv_smem[slot, r_aff, 0]
 
           # This step's K was waited for while the previous P·V ran (or below, at j = 0).
-          if masked == "affine":
+          if kind == "line":
             s, (g0k, delta) = _mm(shape, q_op, k_smem.at[slot], interpret=interpret,
                                   after_issue=lambda: (give(), load_line())[1])
             release_k(slot)
             s = _pen_affine(s, qrow["g"] - g0k, delta, interpret)
           else:
-            if kvec_early and not masked:  # the key vector's shared-memory load under Q·Kᵀ
+            if kvec_early and kind == "full":  # the key vector's shared-memory load under Q·Kᵀ
               s, krow = _mm(shape, q_op, k_smem.at[slot], interpret=interpret,
                             after_issue=lambda: (give(), load_krow())[1])
             else:
@@ -678,7 +678,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
             release_k(slot)
             dg = bc_q(qrow["g"]) - bc_k(krow[0])
             s = s - dg * dg  # q·k units: the scale is applied inside exp2's argument
-          if masked is True:
+          if kind == "masked":
             rq = {nm: functools.partial(bc_q, qrow[nm]) for nm in names[1:]}
             rk = {nm: functools.partial(bc_k, krow[r + 1]) for r, nm in enumerate(names[1:])}
             s = _apply_mask(s, rq, rk, spec)
@@ -706,12 +706,12 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
         acc = _cast(interpret, jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
         m = _cast(interpret, jnp.full((block_q,), _M_INIT, jnp.float32), row_l)
         l = _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l)
-        carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (acc, m, l))
+        carry = lax.fori_loop(0, n_p, functools.partial(step, kind="masked"), (acc, m, l))
         n_line = n_p
         if affine:  # an item's fully visible steps run in one of the two loops below
           n_line = n_p + aff_ref[bi, hc, ti] * (steps - n_p)
-          carry = lax.fori_loop(n_p, n_line, functools.partial(step, masked="affine"), carry)
-        acc, m, l = lax.fori_loop(n_line, steps, functools.partial(step, masked=False), carry)
+          carry = lax.fori_loop(n_p, n_line, functools.partial(step, kind="line"), carry)
+        acc, m, l = lax.fori_loop(n_line, steps, functools.partial(step, kind="full"), carry)
 
         # l >= 1 whenever a key was visible; rows with none keep acc = 0 and l = 0.
         inv_l = 1.0 / jnp.maximum(l, 1e-30)
