@@ -12,8 +12,8 @@ Times forward and forward+backward (VJP w.r.t. q, k, v and σ) of
 Timing: after 3 warm-up calls, `--reps` rounds; in each round every implementation of the shape
 is sampled once (interleaved, so clock drift hits all alike), in an order shuffled anew each
 round (seeded), because a sample's time depends on what ran just before it (likely the clock
-after a power-hungry peer): in a fixed order, two forward kernels that time the same shuffled
-measured 5 % apart. A sample is the wall time of k back-to-back calls (k ≈ 20 ms worth,
+after a power-hungry peer): in a fixed order, two copies of one forward kernel, which time
+the same when shuffled, measured 5 % apart. A sample is the wall time of k back-to-back calls (k ≈ 20 ms worth,
 rotating over up to 3 input sets of fresh random normal data so repeated calls do not hit in
 L2) ended by block_until_ready, divided by k. The median sample is reported, with the (max −
 min)/median spread in the JSON. FLOP convention: forward = 4·B·H·Nq·Nk·D (two matmuls, every

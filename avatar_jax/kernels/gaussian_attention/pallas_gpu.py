@@ -87,6 +87,7 @@ _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240
                        free=1, free_bwd=0, kvec_early=1, q_regs=1, affine_k=1,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
+_SWITCHES = ("sched", "free", "free_bwd", "kvec_early", "q_regs", "affine_k")  # 0 or 1
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
 # The CPU interpreter's cost grows with padded work, not with launch count: smallest tiles.
 _DEFAULT_BLOCKS_INTERPRET = dict(block_q=64, block_kv=64, block_kv_dq=64)
@@ -1140,8 +1141,7 @@ def _blocks(block_sizes, head_dim, interpret=False):
   for name, val in cfg.items():
     if name.startswith("block") and (val % 64 or val <= 0):
       raise ValueError(f"pallas_gpu block size {name}={val} must be a positive multiple of 64")
-    switches = ("sched", "free", "free_bwd", "kvec_early", "q_regs", "affine_k")
-    if name in switches and val not in (0, 1):
+    if name in _SWITCHES and val not in (0, 1):
       raise ValueError(f"pallas_gpu {name}={val} must be 0 or 1")
     if name.startswith("regs") and (val % 8 or not 200 <= val <= 240):
       raise ValueError(f"pallas_gpu {name}={val} must be a multiple of 8 in [200, 240]")
