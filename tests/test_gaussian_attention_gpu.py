@@ -172,6 +172,30 @@ def test_affine_key_steps_agree_with_per_key_steps():
     np.testing.assert_allclose(np.asarray(l1), np.asarray(l0), rtol=0, atol=2e-3)
 
 
+def test_inference_forward_row_sums_on_tensor_cores():
+  """Without a backward (the API's undifferentiated call) the forward's row sums come from the
+  tensor cores (l_mma): the output stays as accurate, lse moves by bf16 rounding only."""
+  from avatar_jax.kernels.gaussian_attention import pallas_gpu
+  for case in ("dense_n1024_d128", "cross_video_audio"):
+    q, k, v, tq, tk, sigma, _, _, _ = _inputs(case, 12)
+    qs, ks = common.normalise_segment_ids(None, None, q.shape[0], q.shape[1], k.shape[1])
+    kw = dict(scale=q.shape[-1] ** -0.5, spec=common.MaskSpec(), q_segment_ids=qs,
+              kv_segment_ids=ks)
+    fwd = lambda exact: jax.jit(lambda *a: pallas_gpu.forward(*a, exact_lse=exact, **kw))(
+        q, k, v, tq, tk, sigma)
+    (o0, l0), (o1, l1) = fwd(True), fwd(False)
+    with jax.default_matmul_precision("highest"):
+      ref = api.gaussian_attention(q.astype(F32), k.astype(F32), v.astype(F32), tq, tk, sigma,
+                                   implementation="xla")
+    out = jax.jit(lambda *a: api.gaussian_attention(*a, implementation="pallas_gpu"))(
+        q, k, v, tq, tk, sigma)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(o1))  # the API takes this path
+    assert not np.array_equal(np.asarray(o1), np.asarray(o0)), "tensor-core row sums did not run"
+    assert _rel(o1, ref) < 1.05 * _rel(o0, ref) + 1e-4, case
+    assert _rel(o1, o0) < 2e-3, case
+    np.testing.assert_allclose(np.asarray(l1), np.asarray(l0), rtol=0, atol=8e-3)
+
+
 @pytest.mark.parametrize("d,h,hkv", [(64, 2, 2), (128, 2, 2), (128, 4, 1)])
 def test_band_skipping_matches_dense_and_skips(d, h, hkv):
   """bias_cutoff drops far blocks; with a generous cutoff the result equals the dense one.

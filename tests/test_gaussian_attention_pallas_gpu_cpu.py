@@ -52,6 +52,35 @@ def test_block_lists_partial_first_then_full_and_complete():
     assert list(order[idx][:len(want)]) == want
 
 
+def test_static_full_lists_equal_the_computed_ones():
+  """No mask, no segment ids (None) and no padding: the block lists are NumPy constants (no
+  block statistics, codes or sort at run time); they must equal what the codes give, for the
+  forward, the dQ kernel and the grouped dK/dV kernel. Anything maskable computes them."""
+  b, n, h, hkv = 2, 512, 4, 2
+  t = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32) / 25, (b, n))
+  q, k = jnp.zeros((b, n, h, 64), jnp.bfloat16), jnp.zeros((b, n, hkv, 64), jnp.bfloat16)
+  sigma = jnp.asarray([0.1, 0.3, 1.0, 3.0], jnp.float32)
+  prep = pallas_gpu._Prep(q, k, t, t, sigma, 0.125, common.MaskSpec(), None, None,
+                          q_mult=128, k_mult=128)
+  assert prep.all_full
+  for args, kw in (((128, 128), {}), ((64, 128), dict(keys_major=True, rep=2))):
+    got = prep.lists(*args, **kw)
+    assert all(isinstance(x, np.ndarray) for x in got)
+    codes = prep.codes(*args)
+    if kw:
+      codes = pallas_gpu._grouped_lists(jnp.swapaxes(codes, 2, 3), h, 2)
+    for g, w in zip(got, pallas_gpu.block_lists(codes)):
+      np.testing.assert_array_equal(g, np.asarray(w))
+  qs, ks = common.normalise_segment_ids(None, None, b, n, n)
+  for spec, segs, nk in ((common.MaskSpec(causal=True), (None, None), n),
+                         (common.MaskSpec(), (qs, ks), n),
+                         (common.MaskSpec(), (None, None), n - 5)):
+    prep = pallas_gpu._Prep(q, k[:, :nk], t, t[:, :nk], sigma, 0.125, spec, *segs,
+                            q_mult=128, k_mult=128)
+    assert not prep.all_full
+    assert not isinstance(prep.lists(128, 128)[0], np.ndarray)
+
+
 def _inputs(seed, b, nq, nk, h, hkv, d):
   rng = np.random.default_rng(seed)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
@@ -139,6 +168,18 @@ def test_interpret_persistent_forward_with_empty_items():
                                     block_q=64, block_kv=64, **knob)
     np.testing.assert_array_equal(np.asarray(out0, np.float32), out)
     np.testing.assert_array_equal(np.asarray(lse0), lse)
+  # Without a backward to feed (exact_lse=False) the row sums come from the tensor cores
+  # (l_mma): they sum the bf16 P that P·V uses, so not bit-identical, but the empty rows stay
+  # exact and the rest within bf16 rounding of the float32 sums.
+  out1, lse1 = pallas_gpu.forward(q, k, v, tq, tk, sigma, scale=d ** -0.5, spec=spec,
+                                  q_segment_ids=qs, kv_segment_ids=ks, interpret=True,
+                                  block_q=64, block_kv=64, exact_lse=False)
+  out1, lse1 = np.asarray(out1, np.float32), np.asarray(lse1)
+  assert np.all(out1[empty] == 0)
+  assert np.all(np.isneginf(lse1.transpose(0, 2, 1)[empty]))
+  assert _rel(out1[keep], np.asarray(ref)[keep]) < 1e-2
+  fin = np.isfinite(lse)
+  assert 0 < np.max(np.abs(lse1[fin] - lse[fin])) < 2e-3
 
 
 def test_interpret_grouped_heads_with_per_head_band_lists():

@@ -188,6 +188,8 @@ def gaussian_attention(q, k, v, t_q, t_k, sigma, *, scale=None, causal=False,
     return reference.gaussian_attention_segments(q, k, v, t_q, t_k, sigma, scale=scale,
                                                  spec=spec, q_segment_ids=q_seg,
                                                  kv_segment_ids=kv_seg)
+  if q_segment_ids is None and kv_segment_ids is None:
+    q_seg = kv_seg = None  # backends may then know statically that nothing is masked
   static = _Static(impl, scale, spec, bool(interpret), tuple(sorted(block_sizes.items())))
   return _attention_vjp(static, q, k, v, t_q, t_k, sigma, q_seg, kv_seg)
 
@@ -213,7 +215,8 @@ def _kwargs(static, q_seg, kv_seg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention_vjp(static, q, k, v, t_q, t_k, sigma, q_seg, kv_seg):
-  out, _ = _backend_module(static.impl).forward(q, k, v, t_q, t_k, sigma,
+  # Not differentiated: nothing reads lse, so backends may trade its precision for speed.
+  out, _ = _backend_module(static.impl).forward(q, k, v, t_q, t_k, sigma, exact_lse=False,
                                                 **_kwargs(static, q_seg, kv_seg))
   return out
 
@@ -230,6 +233,8 @@ def _attention_bwd(static, res, dout):
       q, k, v, t_q, t_k, sigma, out, lse, dout, **_kwargs(static, q_seg, kv_seg))
 
   def zero(x):
+    if x is None:
+      return None
     if jnp.issubdtype(x.dtype, jnp.floating):
       return jnp.zeros_like(x)
     return np.zeros(x.shape, jax.dtypes.float0)

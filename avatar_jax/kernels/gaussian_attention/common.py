@@ -14,10 +14,14 @@ Backend contract
 Every backend module (``reference`` chunked path, ``pallas_tpu``, ``pallas_gpu``) exposes
 
     forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_ids,
-            interpret=False, **block_sizes) -> (out, lse)
+            interpret=False, exact_lse=True, **block_sizes) -> (out, lse)
         out: [B, Nq, H, D] in q.dtype.
         lse: [B, H, Nq] float32, lse = log Σ_{visible, kept j} exp(s_ij) (natural log, the
              logits include scale and the Gaussian term); −inf for a row with no visible key.
+        exact_lse: False when the caller uses `out` only (no backward follows): a backend
+             may then return an lse only as accurate as `out` (pallas_gpu sums the row's
+             bf16 probabilities on the tensor cores). The backward needs the float32 lse:
+             its dσ sums amplify any error in Σ_j P = 1 by the Gaussian term.
 
     backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment_ids,
              kv_segment_ids, interpret=False, **block_sizes) -> (dq, dk, dv, dsigma)
@@ -32,6 +36,10 @@ Every backend module (``reference`` chunked path, ``pallas_tpu``, ``pallas_gpu``
         `out` is amplified by large pen, and (2) shifts pen by lse, which keeps the terms at
         the size of the logit range: for narrow heads pen and lse are both in the hundreds
         and a plain Σ dS·pen loses everything to cancellation.
+
+``q_segment_ids`` / ``kv_segment_ids`` are int32 arrays in the convention of
+:func:`normalise_segment_ids`, or both None (no segments: every key visible unless the spec
+masks it), which lets a backend skip mask work it can rule out statically.
 
 Arguments, identical for all backends:
   * ``t_q`` [B, Nq], ``t_k`` [B, Nk]: times in seconds (any float dtype; used in float32).

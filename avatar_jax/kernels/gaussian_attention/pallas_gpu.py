@@ -52,6 +52,7 @@ import math
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from avatar_jax.kernels.gaussian_attention import common
 
@@ -83,11 +84,20 @@ _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees in
 # key vector: −1.5..−3.7 % (B4 N4096, B1 N8192), −0..−2 % (cross-attention D64) in shuffled
 # A/B runs through the API (runs 74, 76–77); other blocks keep the per-key vector. The
 # Gaussian term costs 11–12 % of the forward (run 68).
+# l_mma: when the caller needs no float32 lse (forward(exact_lse=False): inference through the
+# API), the forward's row sums ride with P·V on the tensor cores (one FP32 add per logit less):
+# −0.1..−1.9 % at B4 N4096 in six shuffled comparisons, ±0.8 % B1 N8192, ±0 cross (run 79);
+# outputs' errors against float64 unchanged. Under differentiation it stays off: the bf16
+# sums move lse by up to ~2⁻⁹ and the backward's dσ fails its tolerance (run 80).
+# cse: the dK/dV kernel forms u = P·dP once for both dS = u − P·delta and the dσ term (one FP32
+# multiply per logit less): fwd+bwd −0.7 % (B4 N4096), ±0 (B1 N8192), −1.2 % (cross), run 80.
 _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240, regs_bwd=240,
-                       free=1, free_bwd=0, kvec_early=1, q_regs=1, affine_k=1,
+                       free=1, free_bwd=0, kvec_early=1, q_regs=1, affine_k=1, l_mma=1,
+                       cse=1,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2)
-_SWITCHES = ("sched", "free", "free_bwd", "kvec_early", "q_regs", "affine_k")  # 0 or 1
+_SWITCHES = ("sched", "free", "free_bwd", "kvec_early", "q_regs", "affine_k", "l_mma",
+             "cse")  # 0 or 1
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
 # The CPU interpreter's cost grows with padded work, not with launch count: smallest tiles.
 _DEFAULT_BLOCKS_INTERPRET = dict(block_q=64, block_kv=64, block_kv_dq=64)
@@ -191,16 +201,17 @@ def _mask_rows(spec: common.MaskSpec):
   return tuple(rows)
 
 
-def position_vectors(t, seg, g, spec: common.MaskSpec, *, keys: bool):
+def position_vectors(t, seg, g, spec: common.MaskSpec, *, keys: bool, t_ref, extra=()):
   """Per-position float32 vectors the kernels read: [B, H, R, N].
 
-  t [B, N] float32 raw times, seg [B, N] int32 normalised ids, g [H] = sqrt(log2e·inv_h).
-  Row 0: g_h·(t − t_ref) (Gaussian coordinate; t_ref keeps magnitudes small). Then, in the
-  order of :func:`_mask_rows`: raw time, block index (+ look-ahead on the query side), segment
-  id as float (invalid keys → NaN, which equals nothing).
+  t [B, N] float32 raw times, seg [B, N] int32 normalised ids, g [H] = sqrt(log2e·inv_h),
+  t_ref [B, 1] the reference time both sides share. Row 0: g_h·(t − t_ref) (Gaussian
+  coordinate; t_ref keeps magnitudes small). Then, in the order of :func:`_mask_rows`: raw
+  time, block index (+ look-ahead on the query side), segment id as float (invalid keys → NaN,
+  which equals nothing). Then the rows of `extra` ([B, H, N] each). One array built in one go,
+  which XLA emits as one fusion.
   """
   b, n = t.shape
-  t_ref = t[:, :1]
   rows = [g[None, :, None] * (t - t_ref)[:, None, :]]
   h = g.shape[0]
   for name in _mask_rows(spec):
@@ -215,7 +226,7 @@ def position_vectors(t, seg, g, spec: common.MaskSpec, *, keys: bool):
       if keys:
         r = jnp.where(seg >= 0, r, jnp.nan)
     rows.append(jnp.broadcast_to(r[:, None, :], (b, h, n)))
-  return jnp.stack(rows, axis=2).astype(jnp.float32)
+  return jnp.stack(rows + list(extra), axis=2).astype(jnp.float32)
 
 
 # affine_k: key blocks whose Gaussian coordinates lie on a line, g_j = g_0 + j·δ (any regular
@@ -262,7 +273,6 @@ def _pen_affine(s, r, delta, interpret):
     dg = r[:, None] - cols[None, :]
     return s - dg * dg
   _, plgpu = _plgpu()
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental.mosaic import gpu as mgpu  # pylint: disable=g-import-not-at-top
   from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
@@ -315,6 +325,13 @@ def block_lists(codes):
   return order, n_partial, n_full
 
 
+def full_lists(shape):
+  """block_lists of codes [B, Hc, nT, nB] that are all FULL, as NumPy constants: with no mask,
+  no segment ids and no padding every block is fully visible, and nothing needs computing."""
+  order = np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape).copy()
+  return order, np.zeros(shape[:3], np.int32), np.full(shape[:3], shape[-1], np.int32)
+
+
 def _grouped_lists(codes, h, rep):
   """Per-head codes [B, Hc, nT, nB] → per-K/V-head codes [B, H/rep, nT, rep·nB] over
   (query head r, block) pairs, entry r·nB + block (Hc = 1: every head has the same codes)."""
@@ -352,6 +369,10 @@ class _Prep:
     self.spec = spec
     self.nq_p = common.round_up(self.nq, q_mult)
     self.nk_p = common.round_up(self.nk, k_mult)
+    # Statically all visible: no mask, no segment ids (None), no padded rows.
+    self.all_full = (q_seg is None and kv_seg is None and self.nq_p == self.nq
+                     and self.nk_p == self.nk and spec == common.MaskSpec())
+    q_seg, kv_seg = common.normalise_segment_ids(q_seg, kv_seg, self.b, self.nq, self.nk)
     tq, tk, qs, ks = common.pad_inputs(t_q, t_k, q_seg, kv_seg, self.nq_p, self.nk_p)
     self.tq, self.tk, self.qs, self.ks = tq, tk, qs, ks
     self.inv = common.inv_two_sigma_sq(sigma)  # [H]
@@ -362,12 +383,29 @@ class _Prep:
     # A common reference time for both sides keeps g·t small without changing differences.
     t0 = jnp.minimum(tq[:, :1], tk[:, :1])
     self.g, self.t_ref = g, t0
-    self.qvec = position_vectors(tq, qs, g, spec, keys=False)
-    self.kvec = position_vectors(tk, ks, g, spec, keys=True)
-    shift = (g[None, :] * (tq[:, :1] - t0))[:, :, None]
-    self.qvec = self.qvec.at[:, :, 0].add(shift)
-    shift_k = (g[None, :] * (tk[:, :1] - t0))[:, :, None]
-    self.kvec = self.kvec.at[:, :, 0].add(shift_k)
+    self.qvec = position_vectors(tq, qs, g, spec, keys=False, t_ref=t0)
+    self.kvec = position_vectors(tk, ks, g, spec, keys=True, t_ref=t0)
+
+  def kvec_affine(self, block_kv):
+    """(kvec with one more row, g_h·dt of each key's block line; ok [B, nk_p/block_kv]): the
+    key vectors the affine steps read (see :func:`affine_keys`)."""
+    dt, ok = affine_keys(self.tk, self.t_ref, block_kv)
+    step = self.g[None, :, None] * jnp.repeat(dt, block_kv, axis=1)[:, None]
+    return position_vectors(self.tk, self.ks, self.g, self.spec, keys=True, t_ref=self.t_ref,
+                            extra=(step,)), ok  # [B, H, R + 1, Nk]
+
+  def lists(self, q_block, k_block, *, keys_major=False, rep=1):
+    """(order, n_part, n_full) of the block pairs (q_block × k_block) for the kernels:
+    per query tile over key blocks, or (keys_major) per key tile over query blocks, grouped
+    over the rep query heads of a K/V head when rep > 1 (see :func:`_grouped_lists`)."""
+    if self.all_full:
+      n_q, n_k = self.nq_p // q_block, self.nk_p // k_block
+      n_t, n_b = (n_k, n_q) if keys_major else (n_q, n_k)
+      return full_lists((self.b, self.h // rep if rep > 1 else 1, n_t, rep * n_b))
+    codes = self.codes(q_block, k_block)
+    if keys_major:
+      codes = jnp.swapaxes(codes, 2, 3)
+    return block_lists(_grouped_lists(codes, self.h, rep) if rep > 1 else codes)
 
   def codes(self, q_block, k_block):
     """[B, Hc, nq_p/q_block, nk_p/k_block]; Hc = H with band skipping, else 1."""
@@ -401,21 +439,31 @@ def _dot_interpret(a, b_ref, transpose_b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _mma(acc, a, b_ref, interpret, after_issue=None):
+def _mma(acc, a, b_ref, interpret, after_issue=None, also=None):
   """acc + a @ b on the tensor cores (acc fp32 registers, a registers or SMEM, b SMEM);
-  `after_issue` runs while the product is in flight."""
+  `after_issue` runs while the product is in flight.
+
+  also: (acc2, b2_ref) issues acc2 + a @ b2ᵀ in the same group (same A operand, one wait);
+  then returns (acc, acc2).
+  """
   if interpret:
     out = acc + _dot_interpret(a, b_ref, False)
+    if also is not None:
+      out = (out, also[0] + _dot_interpret(a, also[1], True))
     if after_issue is not None:
       after_issue()
     return out
   pl, plgpu = _plgpu()
 
-  def run_state(acc_ref):
-    plgpu.wgmma(acc_ref, a, b_ref)
+  def run_state(acc_refs):
+    plgpu.wgmma(acc_refs[0], a, b_ref)
+    if also is not None:
+      plgpu.wgmma(acc_refs[1], a, plgpu.transpose_ref(also[1], (1, 0)))
     if after_issue is not None:
       after_issue()
-  return pl.run_state(run_state)(plgpu.ACC.init(acc))
+  accs = (acc,) if also is None else (acc, also[0])
+  out = pl.run_state(run_state)(tuple(plgpu.ACC.init(x) for x in accs))
+  return out[0] if also is None else out
 
 
 def _mm(shape, a, b_ref, *, interpret, transpose_b=True, after_issue=None):
@@ -558,7 +606,7 @@ def _num_ctas(n_items, interpret):
 
 def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_log2, spec,
               block_q, block_kv, num_stages, head_codes, interpret, sched, regs, free,
-              kvec_early, q_regs):
+              kvec_early, q_regs, l_mma=0):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
   Item i = tile + n_tiles·(h + H·b): the CTAs running at the same time cover few heads, so
@@ -571,6 +619,11 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
   n_aff [B, Hc, nT] int32 (affine_k): 1 runs an item's fully visible steps with the line fit
   of its key coordinates, g_0 from kvec's first row and the step g_h·dt from its last row
   (:func:`affine_keys`); None: never.
+
+  l_mma: the softmax's row sums come from the tensor cores: P·V's group also multiplies P by a
+  one-hot [block_kv, 8] tile (column 0 all ones), accumulating l in column 0 of a [block_q, 8]
+  fp32 accumulator rescaled with the output's. This takes one FP32 add per logit out of the
+  softmax and sums the bf16 P that P·V uses.
   """
   pl, plgpu = _plgpu()
   b, _, h, d = q.shape
@@ -592,6 +645,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
   def body(q_ref, k_ref, v_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, *rest):
     if affine:
       aff_ref, *rest = rest
+    if l_mma:
+      oh_ref, *rest = rest
+      *rest, oh_smem, oh_bar = rest
     (o_ref, lse_ref, qo_smem, qv_smem, lse_smem2, k_smem, v_smem, kv_smem,
      q_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free, sched_bar) = rest
     cta = lax.axis_index("c")
@@ -690,7 +746,10 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
           alpha = jnp.exp2((m - m_new) * scale_log2)
           p = jnp.exp2(s * scale_log2 - bc_q(m_c))  # one fused multiply-add per logit
           acc = acc * lax.broadcast_in_dim(alpha, (block_q, d), [0])
-          l = l * alpha + p.sum(axis=1)
+          if l_mma:  # the row sums ride with P·V (see the docstring)
+            l = l * lax.broadcast_in_dim(alpha, l.shape, [0])
+          else:
+            l = l * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
           plgpu.barrier_wait(v_bar.at[slot])
           take()  # before issuing P·V: the other warpgroup has issued its Q·Kᵀ
@@ -698,7 +757,11 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
           def wait_next_k():  # overlaps the wait for the next K tile with this P·V product
             nxt = lax.rem(g0 + j + 1, jnp.array(stages, j.dtype))
             pl.when(j + 1 < steps)(lambda: plgpu.barrier_wait(k_bar.at[nxt]))
-          acc = _mma(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k)
+          if l_mma:
+            acc, l = _mma(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k,
+                          also=(l, oh_smem))
+          else:
+            acc = _mma(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k)
           release_v(slot)
           return acc, m_new, l
 
@@ -706,13 +769,18 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
             k_bar.at[lax.rem(g0, jnp.array(stages, g0.dtype))]))
         acc = _cast(interpret, jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
         m = _cast(interpret, jnp.full((block_q,), _M_INIT, jnp.float32), row_l)
-        l = _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l)
+        if l_mma:
+          l = _cast(interpret, jnp.zeros((block_q, 8), jnp.float32), plgpu.Layout.WGMMA)
+        else:
+          l = _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l)
         carry = lax.fori_loop(0, n_p, functools.partial(step, kind="masked"), (acc, m, l))
         n_line = n_p
         if affine:  # an item's fully visible steps run in one of the two loops below
           n_line = n_p + aff_ref[bi, hc, ti] * (steps - n_p)
           carry = lax.fori_loop(n_p, n_line, functools.partial(step, kind="line"), carry)
         acc, m, l = lax.fori_loop(n_line, steps, functools.partial(step, kind="full"), carry)
+        if l_mma:
+          l = l.sum(axis=1)  # column 0 holds the sums, the others zeros
 
         # l >= 1 whenever a key was visible; rows with none keep acc = 0 and l = 0.
         inv_l = 1.0 / jnp.maximum(l, 1e-30)
@@ -726,6 +794,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
         return g0 + steps
 
       load_q(jnp.int32(0))
+      if l_mma:
+        plgpu.barrier_wait(oh_bar.at[0])
       begin()  # warpgroup 0 goes first
       lax.fori_loop(0, my_items, item_body, jnp.int32(0))
       end()  # releases warpgroup 1's last wait
@@ -734,6 +804,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
     @pl.when(wg == 2)
     def _memory():
       plgpu.set_max_registers(504 - 2 * regs, action="decrease")
+      if l_mma:
+        plgpu.copy_gmem_to_smem(oh_ref, oh_smem, oh_bar.at[0])
 
       def item_body(i, g0):
         bi, hi, ti, hc, _, steps = item_coords(i)
@@ -777,6 +849,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2),
   ]
+  if l_mma:
+    scratch += [plgpu.SMEM((8, block_kv), dtype, transforms=(tiling, swizzle)),
+                plgpu.Barrier(num_barriers=1)]
   out_type = [jax.ShapeDtypeStruct(q.shape, dtype),
               # whole tiles: 1-D stores past the end of a row gave wrong results
               jax.ShapeDtypeStruct((b, h, n_tiles * tile_q), jnp.float32)]
@@ -787,6 +862,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret))
   extra = (n_aff,) if affine else ()
+  if l_mma:
+    extra += (jnp.zeros((8, block_kv), dtype).at[0].set(1),)
   return kernel(q, k, v, qvec, kvec, order, n_part, n_full, *extra)
 
 
@@ -800,7 +877,8 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
   """dQ = scale·Σ_j dS_ij k_j and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
 
   qvec rows: [lse2, delta, g, masks...]. pen̄ lets the dK/dV kernel form dσ without the
-  cancellation of Σ_j dS_ij = 0 (see :func:`_dkv_call`).
+  cancellation of Σ_j dS_ij = 0 (see :func:`_dkv_call`); that needs the two kernels' pen to
+  be the same floats, which is why this kernel has no line-fit steps (docs/notes, run 80).
   """
   pl, plgpu = _plgpu()
   b, _, h, d = q.shape
@@ -935,7 +1013,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
 
 
 def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
-              block_q, block_kv, num_stages, head_codes, interpret, regs, free):
+              block_q, block_kv, num_stages, head_codes, interpret, regs, free, cse=0):
   """dK (times the scale), dV and dσ partials per key (log2 units).
 
   The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
@@ -1038,13 +1116,14 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
           rk = {nm: functools.partial(bc_k, kr[nm]) for nm in names[1:]}
           st = _apply_mask(st, rq, rk, spec)
         pt = jnp.exp2(st - bc_q(lse))
-        term = (pt * dpt * (pen - bc_q(pbar))).sum(axis=1)
+        u = pt * dpt
+        term = (u * (pen - bc_q(pbar))).sum(axis=1)
         if grouped:  # rep partials in registers made ptxas spill 552 bytes: keep them in SMEM
           part_r = part_smem2.at[wg, r]
           part_r[...] = _load(part_r, row_l, interpret) + term
         else:
           part = part + term
-        dst = pt * (dpt - bc_q(delta))
+        dst = u - pt * bc_q(delta) if cse else pt * (dpt - bc_q(delta))
         dv_acc, dk_acc = _mma_group([(dv_acc, pt.astype(dtype), do_smem.at[slot], False),
                                      (dk_acc, dst.astype(dtype), q_smem.at[slot], False)],
                                     interpret)
@@ -1164,29 +1243,33 @@ def _multiples(cfg):
 
 
 def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_ids,
-            interpret=False, **block_sizes):
-  """Backend contract forward: (out [B, Nq, H, D] q.dtype, lse [B, H, Nq] float32, natural log)."""
+            interpret=False, exact_lse=True, **block_sizes):
+  """Backend contract forward: (out [B, Nq, H, D] q.dtype, lse [B, H, Nq] float32, natural log).
+
+  exact_lse=False (the caller uses `out` only) lets `l_mma` take the row sums from the tensor
+  cores; lse is then as accurate as the bf16 probabilities it sums (~2⁻⁹ relative in Σ_j P).
+  """
   cfg = _blocks(block_sizes, q.shape[-1], interpret)
   q_mult, k_mult = _multiples(cfg)
   prep = _Prep(q, k, t_q, t_k, sigma, scale, spec, q_segment_ids, kv_segment_ids,
                q_mult=q_mult, k_mult=k_mult, qk_units=True)
-  codes = prep.codes(2 * cfg["block_q"], cfg["block_kv"])
-  order, n_part, n_full = block_lists(codes)
+  order, n_part, n_full = prep.lists(2 * cfg["block_q"], cfg["block_kv"])
   qp = _pad_rows(q, prep.nq_p, interpret)
   kp = _pad_rows(k, prep.nk_p, interpret)
   vp = _pad_rows(v, prep.nk_p, interpret)
   kvec, n_aff = prep.kvec, None
   if cfg["affine_k"]:
-    dt, ok = affine_keys(prep.tk, prep.t_ref, cfg["block_kv"])
-    step = prep.g[None, :, None, None] * jnp.repeat(dt, cfg["block_kv"], axis=1)[:, None, None]
-    kvec = jnp.concatenate([kvec, step], axis=2)  # [B, H, R + 1, Nk]
-    n_aff = affine_items(ok, order, n_part, n_full)
+    kvec, ok = prep.kvec_affine(cfg["block_kv"])
+    if prep.all_full:  # every block of every item is fully visible
+      n_aff = jnp.broadcast_to(jnp.all(ok, axis=-1)[:, None, None], n_part.shape).astype(jnp.int32)
+    else:
+      n_aff = affine_items(ok, order, n_part, n_full)
   out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, kvec, order, n_part, n_full, n_aff,
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
-                        head_codes=codes.shape[1] > 1, interpret=interpret, sched=cfg["sched"],
+                        head_codes=order.shape[1] > 1, interpret=interpret, sched=cfg["sched"],
                         regs=cfg["regs"], free=cfg["free"], kvec_early=cfg["kvec_early"],
-                        q_regs=cfg["q_regs"])
+                        q_regs=cfg["q_regs"], l_mma=cfg["l_mma"] and not exact_lse)
   out = out[:, :prep.nq]
   lse = lse2[:, :, :prep.nq] * LN2
   return out, lse
@@ -1213,20 +1296,19 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   kw = dict(scale=float(scale), scale_log2=prep.scale_log2, spec=spec, interpret=interpret,
             regs=cfg["regs_bwd"], free=cfg["free_bwd"])
 
-  codes_q = prep.codes(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
-  order, n_part, n_full = block_lists(codes_q)
+  order, n_part, n_full = prep.lists(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
   dq, pbar = _dq_call(qp, kp, vp, dop, qvec_b, prep.kvec, order, n_part, n_full,
                 block_q=cfg["block_q_dq"], block_kv=cfg["block_kv_dq"],
-                num_stages=cfg["num_stages_bwd"], head_codes=codes_q.shape[1] > 1, **kw)
+                num_stages=cfg["num_stages_bwd"], head_codes=order.shape[1] > 1, **kw)
 
-  codes_k = jnp.swapaxes(prep.codes(cfg["block_q_dkv"], 2 * cfg["block_kv_dkv"]), 2, 3)
   rep = h // prep.hkv
-  order, n_part, n_full = block_lists(_grouped_lists(codes_k, h, rep) if rep > 1 else codes_k)
+  order, n_part, n_full = prep.lists(cfg["block_q_dkv"], 2 * cfg["block_kv_dkv"],
+                                     keys_major=True, rep=rep)
   qvec_k = jnp.concatenate([qvec_b[:, :, :2], pbar[:, :, None], prep.qvec], axis=2)
   dk, dv, part = _dkv_call(qp, kp, vp, dop, qvec_k, prep.kvec, order, n_part, n_full,
                            block_q=cfg["block_q_dkv"], block_kv=cfg["block_kv_dkv"],
                            num_stages=cfg["num_stages_bwd"],
-                           head_codes=codes_k.shape[1] > 1, **kw)
+                           head_codes=order.shape[1] > 1, cse=cfg["cse"], **kw)
   # dK/dV come out per K/V head: grouped heads were summed in the kernel's fp32 accumulators.
   # The kernels applied the scale to dQ and dK in fp32: no extra pass (nor rounding) here.
   dq, dk, dv = dq[:, :nq], dk[:, :nk], dv[:, :nk]

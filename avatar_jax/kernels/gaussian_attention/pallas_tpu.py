@@ -63,6 +63,7 @@ class _Prep:
                interpret):
     b, nq, h, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
+    q_seg, kv_seg = common.normalise_segment_ids(q_seg, kv_seg, b, nq, nk)
     self.b, self.nq, self.nk, self.h, self.hkv, self.d = b, nq, nk, h, hkv, d
     self.rep = h // hkv
     self.bq, self.bk = _block_sizes(nq, nk, block_q, block_k, interpret)
@@ -184,8 +185,9 @@ def _clamp(j, lo_ref, hi_ref, idx):
 
 
 def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_ids,
-            interpret=False, block_q=None, block_k=None):
+            interpret=False, exact_lse=True, block_q=None, block_k=None):
   """out [B, Nq, H, D] q.dtype, lse [B, H, Nq] float32 (contract in common.py)."""
+  del exact_lse  # always exact here
   p = _Prep(q, k, v, t_q, t_k, sigma, q_segment_ids, kv_segment_ids, spec, block_q, block_k,
             interpret)
   out, lse = _forward_padded(p, scale, spec, interpret)

@@ -124,12 +124,15 @@ def _chunk_logits(spec, scale, inv, qc, kc, tq, tk, qs, ks, cd):
 
 
 def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_ids,
-            interpret=False, chunk_q=512, chunk_k=512):
+            interpret=False, exact_lse=True, chunk_q=512, chunk_k=512):
   """Online-softmax forward over KV chunks. Returns out [B,Nq,H,D] q.dtype, lse [B,H,Nq] f32.
 
-  Exact (ignores `spec.bias_cutoff`). `interpret` is accepted for the common contract.
+  Exact (ignores `spec.bias_cutoff`). `interpret` and `exact_lse` are accepted for the common
+  contract.
   """
-  del interpret
+  del interpret, exact_lse
+  q_segment_ids, kv_segment_ids = common.normalise_segment_ids(
+      q_segment_ids, kv_segment_ids, q.shape[0], q.shape[1], k.shape[1])
   b, nq, h, d = q.shape
   hkv = k.shape[2]
   rep = h // hkv
@@ -175,6 +178,8 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   chunks); dq and Σ dS·pen are carried. The order of every sum is fixed (deterministic).
   """
   del interpret
+  q_segment_ids, kv_segment_ids = common.normalise_segment_ids(
+      q_segment_ids, kv_segment_ids, q.shape[0], q.shape[1], k.shape[1])
   b, nq, h, d = q.shape
   nk, hkv = k.shape[1], k.shape[2]
   rep = h // hkv
