@@ -332,6 +332,15 @@ def full_lists(shape):
   return order, np.zeros(shape[:3], np.int32), np.full(shape[:3], shape[-1], np.int32)
 
 
+def counts(*rows):
+  """Per-item int32 counts ([B, Hc, nT] each: partially visible steps, fully visible steps,
+  line-fit flag) as one kernel operand [rows, B, Hc, nT]; NumPy in, NumPy out, so constant
+  lists stay one constant (XLA would re-materialise each splat array on every call)."""
+  if all(isinstance(r, np.ndarray) for r in rows):
+    return np.stack(rows).astype(np.int32)
+  return jnp.stack([jnp.asarray(r, jnp.int32) for r in rows])
+
+
 def _grouped_lists(codes, h, rep):
   """Per-head codes [B, Hc, nT, nB] → per-K/V-head codes [B, H/rep, nT, rep·nB] over
   (query head r, block) pairs, entry r·nB + block (Hc = 1: every head has the same codes)."""
@@ -604,7 +613,7 @@ def _num_ctas(n_items, interpret):
   return max(1, min(sms, n_items))
 
 
-def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_log2, spec,
+def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
               block_q, block_kv, num_stages, head_codes, interpret, sched, regs, free,
               kvec_early, q_regs, l_mma=0):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
@@ -616,9 +625,10 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
   buffer while it works on the current one, so per-item fill and drain (Q load, first K/V,
   output store) overlap work instead of leaving the SM idle.
 
-  n_aff [B, Hc, nT] int32 (affine_k): 1 runs an item's fully visible steps with the line fit
-  of its key coordinates, g_0 from kvec's first row and the step g_h·dt from its last row
-  (:func:`affine_keys`); None: never.
+  cnt [2 or 3, B, Hc, nT] int32 (:func:`counts`): partially and fully visible steps per item,
+  then (affine_k) 1 where an item runs its fully visible steps with the line fit of its key
+  coordinates, g_0 from kvec's first row and the step g_h·dt from its last row
+  (:func:`affine_keys`); without that row, never.
 
   l_mma: the softmax's row sums come from the tensor cores: P·V's group also multiplies P by a
   one-hot [block_kv, 8] tile (column 0 all ones), accumulating l in column 0 of a [block_q, 8]
@@ -627,7 +637,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
   """
   pl, plgpu = _plgpu()
   b, _, h, d = q.shape
-  affine = n_aff is not None
+  affine = cnt.shape[0] == 3
   r_aff = kvec.shape[2] - 1
   hkv = k.shape[2]
   rep = h // hkv
@@ -642,9 +652,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
   col_l = plgpu.Layout.WGMMA.reduce(0)
   names = ("g",) + _mask_rows(spec)
 
-  def body(q_ref, k_ref, v_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, *rest):
-    if affine:
-      aff_ref, *rest = rest
+  def body(q_ref, k_ref, v_ref, qv_ref, kv_ref, ord_ref, cnt_ref, *rest):
     if l_mma:
       oh_ref, *rest = rest
       *rest, oh_smem, oh_bar = rest
@@ -662,8 +670,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
       hi = lax.rem(rest, jnp.array(h, item.dtype))
       bi = lax.div(rest, jnp.array(h, item.dtype))
       hc = hi if head_codes else 0
-      n_p = np_ref[bi, hc, ti]
-      return bi, hi, ti, hc, n_p, n_p + nf_ref[bi, hc, ti]
+      n_p = cnt_ref[0, bi, hc, ti]
+      return bi, hi, ti, hc, n_p, n_p + cnt_ref[1, bi, hc, ti]
 
     # The interpreter has no hardware barriers: it runs the mbarrier form.
     give, take, begin, end = _turns(wg, sched_bar, named=sched == 1 and not interpret)
@@ -776,7 +784,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
         carry = lax.fori_loop(0, n_p, functools.partial(step, kind="masked"), (acc, m, l))
         n_line = n_p
         if affine:  # an item's fully visible steps run in one of the two loops below
-          n_line = n_p + aff_ref[bi, hc, ti] * (steps - n_p)
+          n_line = n_p + cnt_ref[2, bi, hc, ti] * (steps - n_p)
           carry = lax.fori_loop(n_p, n_line, functools.partial(step, kind="line"), carry)
         acc, m, l = lax.fori_loop(n_line, steps, functools.partial(step, kind="full"), carry)
         if l_mma:
@@ -861,10 +869,12 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret))
-  extra = (n_aff,) if affine else ()
+  extra = ()
   if l_mma:
-    extra += (jnp.zeros((8, block_kv), dtype).at[0].set(1),)
-  return kernel(q, k, v, qvec, kvec, order, n_part, n_full, *extra)
+    onehot = np.zeros((8, block_kv), np.float32)
+    onehot[0] = 1
+    extra = (jnp.asarray(onehot, dtype),)
+  return kernel(q, k, v, qvec, kvec, order, cnt, *extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -872,7 +882,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, n_part, n_full, n_aff=None, *, scale_l
 # ----------------------------------------------------------------------------------------------
 
 
-def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
+def _dq_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
              block_q, block_kv, num_stages, head_codes, interpret, regs, free):
   """dQ = scale·Σ_j dS_ij k_j and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
 
@@ -893,7 +903,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
   col_l = plgpu.Layout.WGMMA.reduce(0)
   names = ("g",) + _mask_rows(spec)
 
-  def body(q_ref, k_ref, v_ref, do_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref, dq_ref,
+  def body(q_ref, k_ref, v_ref, do_ref, qv_ref, kv_ref, ord_ref, cnt_ref, dq_ref,
            pbar_ref, q_smem2, do_smem2, qv_smem2, pbar_smem2, k_smem, v_smem, kv_smem,
            q_bar, do_bar, qv_bar, k_bar, v_bar, kv_bar, k_free, v_free):
     bi = lax.axis_index("b")
@@ -901,8 +911,8 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
     ti = lax.axis_index("t")
     wg = lax.axis_index("wg")
     hc = hi if head_codes else 0
-    n_p = np_ref[bi, hc, ti]
-    steps = n_p + nf_ref[bi, hc, ti]
+    n_p = cnt_ref[0, bi, hc, ti]
+    steps = n_p + cnt_ref[1, bi, hc, ti]
     (release_k, wait_k), (release_v, wait_v) = _ring_free(
         (k_free, v_free), stages, named=free == 1 and not interpret)
 
@@ -1009,10 +1019,10 @@ def _dq_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret))
-  return kernel(q, k, v, do, qvec, kvec, order, n_part, n_full)
+  return kernel(q, k, v, do, qvec, kvec, order, cnt)
 
 
-def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_log2, spec,
+def _dkv_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
               block_q, block_kv, num_stages, head_codes, interpret, regs, free, cse=0):
   """dK (times the scale), dV and dσ partials per key (log2 units).
 
@@ -1045,7 +1055,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
   names = ("g",) + _mask_rows(spec)
   grouped = rep > 1
 
-  def body(q_ref, k_ref, v_ref, do_ref, qv_ref, kv_ref, ord_ref, np_ref, nf_ref,
+  def body(q_ref, k_ref, v_ref, do_ref, qv_ref, kv_ref, ord_ref, cnt_ref,
            dk_ref, dv_ref, part_ref,
            k_smem2, v_smem2, kv_smem2, part_smem2, q_smem, do_smem, qv_smem,
            k_bar, v_bar, kv_bar, q_bar, do_bar, qv_bar, q_free, do_free):
@@ -1055,8 +1065,8 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
     wg = lax.axis_index("wg")
     # Block lists: per K/V head when grouped, else per query head (or one for all: Hc = 1).
     hc = hk if grouped or head_codes else 0
-    n_p = np_ref[bi, hc, ti]
-    steps = n_p + nf_ref[bi, hc, ti]
+    n_p = cnt_ref[0, bi, hc, ti]
+    steps = n_p + cnt_ref[1, bi, hc, ti]
     (release_q, wait_q), (release_do, wait_do) = _ring_free(
         (q_free, do_free), stages, named=free == 1 and not interpret)
 
@@ -1198,7 +1208,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, n_part, n_full, *, scale, scale_lo
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret))
-  return kernel(q, k, v, do, qvec, kvec, order, n_part, n_full)
+  return kernel(q, k, v, do, qvec, kvec, order, cnt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1257,14 +1267,15 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   qp = _pad_rows(q, prep.nq_p, interpret)
   kp = _pad_rows(k, prep.nk_p, interpret)
   vp = _pad_rows(v, prep.nk_p, interpret)
-  kvec, n_aff = prep.kvec, None
+  kvec, cnt = prep.kvec, counts(n_part, n_full)
   if cfg["affine_k"]:
     kvec, ok = prep.kvec_affine(cfg["block_kv"])
     if prep.all_full:  # every block of every item is fully visible
       n_aff = jnp.broadcast_to(jnp.all(ok, axis=-1)[:, None, None], n_part.shape).astype(jnp.int32)
     else:
       n_aff = affine_items(ok, order, n_part, n_full)
-  out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, kvec, order, n_part, n_full, n_aff,
+    cnt = counts(n_part, n_full, n_aff)
+  out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, kvec, order, cnt,
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
                         head_codes=order.shape[1] > 1, interpret=interpret, sched=cfg["sched"],
@@ -1297,7 +1308,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
             regs=cfg["regs_bwd"], free=cfg["free_bwd"])
 
   order, n_part, n_full = prep.lists(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
-  dq, pbar = _dq_call(qp, kp, vp, dop, qvec_b, prep.kvec, order, n_part, n_full,
+  dq, pbar = _dq_call(qp, kp, vp, dop, qvec_b, prep.kvec, order, counts(n_part, n_full),
                 block_q=cfg["block_q_dq"], block_kv=cfg["block_kv_dq"],
                 num_stages=cfg["num_stages_bwd"], head_codes=order.shape[1] > 1, **kw)
 
@@ -1305,7 +1316,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   order, n_part, n_full = prep.lists(cfg["block_q_dkv"], 2 * cfg["block_kv_dkv"],
                                      keys_major=True, rep=rep)
   qvec_k = jnp.concatenate([qvec_b[:, :, :2], pbar[:, :, None], prep.qvec], axis=2)
-  dk, dv, part = _dkv_call(qp, kp, vp, dop, qvec_k, prep.kvec, order, n_part, n_full,
+  dk, dv, part = _dkv_call(qp, kp, vp, dop, qvec_k, prep.kvec, order, counts(n_part, n_full),
                            block_q=cfg["block_q_dkv"], block_kv=cfg["block_kv_dkv"],
                            num_stages=cfg["num_stages_bwd"],
                            head_codes=order.shape[1] > 1, cse=cfg["cse"], **kw)
