@@ -3,7 +3,10 @@
   python benchmarks/attention.py --out_md /tmp/attention_table.md --out_json /tmp/attention.json
 
 Times forward and forward+backward (VJP w.r.t. q, k, v and σ) of
-  * ours: avatar_jax pallas_gpu kernels (bias computed on the fly, band skipping optional);
+  * ours: avatar_jax pallas_gpu kernels (bias computed on the fly, band skipping optional),
+    called through `api.gaussian_attention` as a user would: the forward row is the
+    undifferentiated call (row sums on the tensor cores, no float32 lse kept), the
+    forward+backward row the differentiated one (float32 row sums for the backward);
   * cudnn_nobias: jax.nn.dot_product_attention(implementation="cudnn"), no bias (a ceiling);
   * cudnn_bias / xla_bias / tokamax_bias: the same attention with the Gaussian bias
     materialised as a [1, H, Nq, Nk] array from σ inside the timed function, so dσ comes from
