@@ -448,31 +448,10 @@ def _dot_interpret(a, b_ref, transpose_b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _mma(acc, a, b_ref, interpret, after_issue=None, also=None):
+def _mma(acc, a, b_ref, interpret, after_issue=None):
   """acc + a @ b on the tensor cores (acc fp32 registers, a registers or SMEM, b SMEM);
-  `after_issue` runs while the product is in flight.
-
-  also: (acc2, b2_ref) issues acc2 + a @ b2ᵀ in the same group (same A operand, one wait);
-  then returns (acc, acc2).
-  """
-  if interpret:
-    out = acc + _dot_interpret(a, b_ref, False)
-    if also is not None:
-      out = (out, also[0] + _dot_interpret(a, also[1], True))
-    if after_issue is not None:
-      after_issue()
-    return out
-  pl, plgpu = _plgpu()
-
-  def run_state(acc_refs):
-    plgpu.wgmma(acc_refs[0], a, b_ref)
-    if also is not None:
-      plgpu.wgmma(acc_refs[1], a, plgpu.transpose_ref(also[1], (1, 0)))
-    if after_issue is not None:
-      after_issue()
-  accs = (acc,) if also is None else (acc, also[0])
-  out = pl.run_state(run_state)(tuple(plgpu.ACC.init(x) for x in accs))
-  return out[0] if also is None else out
+  `after_issue` runs while the product is in flight."""
+  return _mma_group([(acc, a, b_ref, False)], interpret, after_issue)[0]
 
 
 def _mm(shape, a, b_ref, *, interpret, transpose_b=True, after_issue=None):
@@ -496,12 +475,13 @@ def _mm(shape, a, b_ref, *, interpret, transpose_b=True, after_issue=None):
   return out if extra is None else (out, extra)
 
 
-def _mma_group(terms, interpret):
+def _mma_group(terms, interpret, after_issue=None):
   """Several independent wgmmas issued back to back, then one wait for all of them.
 
   terms: (acc, a, b_ref, transpose_b) with acc an fp32 register array, or a shape for a fresh
   zero accumulator. Returns the accumulators. One wait instead of one per product lets the
-  tensor cores run the second product while the first one drains.
+  tensor cores run the second product while the first one drains; `after_issue` runs while
+  they are in flight.
   """
   accs = []
   for acc, a, b_ref, transpose_b in terms:
@@ -511,13 +491,18 @@ def _mma_group(terms, interpret):
                   None if interpret else plgpu.Layout.WGMMA)
     accs.append(acc)
   if interpret:
-    return tuple(acc + _dot_interpret(a, b_ref, tb)
-                 for acc, (_, a, b_ref, tb) in zip(accs, terms))
+    out = tuple(acc + _dot_interpret(a, b_ref, tb)
+                for acc, (_, a, b_ref, tb) in zip(accs, terms))
+    if after_issue is not None:
+      after_issue()
+    return out
   pl, plgpu = _plgpu()
 
   def run(acc_refs):
     for acc_ref, (_, a, b_ref, tb) in zip(acc_refs, terms):
       plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_ref, (1, 0)) if tb else b_ref)
+    if after_issue is not None:
+      after_issue()
   return tuple(pl.run_state(run)(tuple(plgpu.ACC.init(acc) for acc in accs)))
 
 
@@ -766,8 +751,8 @@ def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
             nxt = lax.rem(g0 + j + 1, jnp.array(stages, j.dtype))
             pl.when(j + 1 < steps)(lambda: plgpu.barrier_wait(k_bar.at[nxt]))
           if l_mma:
-            acc, l = _mma(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k,
-                          also=(l, oh_smem))
+            acc, l = _mma_group([(acc, p16, v_smem.at[slot], False), (l, p16, oh_smem, True)],
+                                interpret, after_issue=wait_next_k)
           else:
             acc = _mma(acc, p16, v_smem.at[slot], interpret, after_issue=wait_next_k)
           release_v(slot)
