@@ -16,9 +16,13 @@ Timing: after 3 warm-up calls, `--reps` rounds; in each round every implementati
 is sampled once (interleaved, so clock drift hits all alike), in an order shuffled anew each
 round (seeded), because a sample's time depends on what ran just before it (likely the clock
 after a power-hungry peer): in a fixed order, two copies of one forward kernel, which time
-the same when shuffled, measured 5 % apart. A sample is the wall time of k back-to-back calls (k ≈ 20 ms worth,
-rotating over up to 3 input sets of fresh random normal data so repeated calls do not hit in
-L2) ended by block_until_ready, divided by k. The median sample is reported, with the (max −
+the same when shuffled, measured 5 % apart. A sample is the wall time of k back-to-back calls (k ≈ `--sample_ms` worth,
+20 ms by default, and at most that many calls; rotating over up to 3 input sets of fresh
+random normal data so repeated calls do not hit in L2) ended by block_until_ready, divided by
+k. Each sample also carries one host dispatch and one sync (≈ 0.3–0.6 ms for every
+implementation here), so short samples of slow calls (k = 3–4 at 20 ms for forward+backward)
+read a few % high; `--sample_ms 100` gives numbers closer to back-to-back throughput
+(docs/notes/attention_gpu.md, runs 89–92). The median sample is reported, with the (max −
 min)/median spread in the JSON. FLOP convention: forward = 4·B·H·Nq·Nk·D (two matmuls, every
 pair counted, no causal discount — the benchmark shapes have no mask), forward+backward = 3.5×
 that (the usual 2 + 5 matmul count). Band skipping is reported against the dense FLOP count, so
@@ -117,7 +121,7 @@ def sample(compiled, arg_sets, inner):
   return (time.perf_counter() - t0) / inner
 
 
-def run_shape(name, variants, reps, dtype, log):
+def run_shape(name, variants, reps, dtype, log, sample_ms=20.0):
   """variants: list of (label, peer, blocks). Rows of all variants, timed in interleaved rounds
   (each round samples every variant once, in a shuffled order) so clock or thermal drift and
   the power draw of the variant before hit all of them alike."""
@@ -164,7 +168,8 @@ def run_shape(name, variants, reps, dtype, log):
           row["flops"] = 3.5 * flops_fwd
         row["mem_gib"] = mem
         t1 = sample(compiled, args, 1)
-        live.append((row, compiled, args, max(1, min(20, int(0.02 / max(t1, 1e-6))))))
+        inner = max(1, min(int(sample_ms), int(sample_ms * 1e-3 / max(t1, 1e-6))))
+        live.append((row, compiled, args, inner))
       except Exception as e:  # pylint: disable=broad-except
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
@@ -204,6 +209,8 @@ def main(argv=None):
   p.add_argument("--peers", default=",".join(PEERS))
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--sample_ms", type=float, default=20.0,
+                 help="wall time one sample aims at, in ms (k back-to-back calls, k <= this number)")
   p.add_argument("--blocks", default="", help="ours' block sizes, e.g. block_q=64,block_kv=128")
   p.add_argument("--sweep", default="",
                  help="';'-separated [shape:]k=v,k=v block configs of ours, timed with the peers")
@@ -231,7 +238,7 @@ def main(argv=None):
     for cfg in sweep.get(name, []):
       vb = dict(blocks, **{k: int(x) for k, x in (kv.split("=") for kv in cfg.split(",") if kv)})
       variants.append((f"ours[{cfg}]", "ours", vb))
-    rows += run_shape(name, variants, args.reps, dtype, sys.stderr)
+    rows += run_shape(name, variants, args.reps, dtype, sys.stderr, args.sample_ms)
   table = markdown(rows, header)
   print(table)
   if args.out_md:
