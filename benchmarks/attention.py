@@ -10,7 +10,9 @@ Times forward and forward+backward (VJP w.r.t. q, k, v and σ) of
   * cudnn_nobias: jax.nn.dot_product_attention(implementation="cudnn"), no bias (a ceiling);
   * cudnn_bias / xla_bias / tokamax_bias: the same attention with the Gaussian bias
     materialised as a [1, H, Nq, Nk] array from σ inside the timed function, so dσ comes from
-    autodiff through the bias.
+    autodiff through the bias;
+  * tokamax_bias_tuned: tokamax_bias compiled under the configs `tokamax.autotune` picks for
+    the shape (forward and VJP kernels); tokamax_bias uses its default heuristics.
 
 Timing: after 3 warm-up calls, `--reps` rounds; in each round every implementation of the shape
 is sampled once (interleaved, so clock drift hits all alike), in an order shuffled anew each
@@ -61,7 +63,7 @@ SHAPES = {
     "smoke": (1, 256, 256, 2, 64, 25.0, 25.0, (0.04, 2.0), None),  # script check, not reported
 }
 KV_HEADS = {"gqa_b4_n4096_hkv4": 4}  # K/V heads where fewer than the query heads
-PEERS = ("ours", "cudnn_nobias", "cudnn_bias", "xla_bias", "tokamax_bias")
+PEERS = ("ours", "cudnn_nobias", "cudnn_bias", "xla_bias", "tokamax_bias", "tokamax_bias_tuned")
 
 
 def gaussian_bias(t_q, t_k, sigma, dtype):
@@ -89,7 +91,7 @@ def make_fn(peer, t_q, t_k, cutoff, dtype, blocks):
     def f(q, k, v, sigma):
       bias = gaussian_bias(t_q, t_k, sigma, dtype)
       return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
-  elif peer == "tokamax_bias":
+  elif peer in ("tokamax_bias", "tokamax_bias_tuned"):  # tuned: see compile_fn
     import tokamax  # pylint: disable=g-import-not-at-top
 
     def f(q, k, v, sigma):
@@ -100,8 +102,16 @@ def make_fn(peer, t_q, t_k, cutoff, dtype, blocks):
   return f
 
 
-def compile_fn(fn, arg_sets):
-  compiled = jax.jit(fn).lower(*arg_sets[0]).compile()
+def compile_fn(fn, arg_sets, tune=False):
+  """Compiled fn; tune=True first runs tokamax.autotune on it and compiles under the configs
+  it picked (what a tokamax user does for a fixed shape)."""
+  lowered = jax.jit(fn).lower(*arg_sets[0])
+  if tune:
+    import tokamax  # pylint: disable=g-import-not-at-top
+    with tokamax.autotune(lowered, progress_bar=False):
+      compiled = jax.jit(fn).lower(*arg_sets[0]).compile()
+  else:
+    compiled = lowered.compile()
   mem = None
   try:
     ma = compiled.memory_analysis()
@@ -160,11 +170,11 @@ def run_shape(name, variants, reps, dtype, log, sample_ms=20.0):
       try:
         if mode == "fwd":
           args = [(q, k, v, sigma) for q, k, v, _ in sets]
-          compiled, mem = compile_fn(fwd, args)
+          compiled, mem = compile_fn(fwd, args, tune=peer.endswith("_tuned"))
           row["flops"] = flops_fwd
         else:
           args = [(q, k, v, sigma, do) for q, k, v, do in sets]
-          compiled, mem = compile_fn(fwd_bwd, args)
+          compiled, mem = compile_fn(fwd_bwd, args, tune=peer.endswith("_tuned"))
           row["flops"] = 3.5 * flops_fwd
         row["mem_gib"] = mem
         t1 = sample(compiled, args, 1)
