@@ -67,8 +67,12 @@ def np_inv(sigma):
     return np.minimum(0.5 / sigma**2, INV_MAX)
 
 
-def np_attention(q, k, v, tq, tk, sigma, scale, vis, dout=None):
-  """float64 out [B,Nq,H,D] and, with dout, (dq, dk, dv, dsigma) by the analytic formulas."""
+def np_attention(q, k, v, tq, tk, sigma, scale, vis, dout=None, dlse=None):
+  """float64 out [B,Nq,H,D] and, with dout, (dq, dk, dv, dsigma) by the analytic formulas.
+
+  With dlse [B, H, Nq] (the cotangent of lse = log Σ_j exp s_ij) as well: (out, lse, grads),
+  the gradients of Σ out·dout + Σ lse·dlse (∂lse_i/∂s_ij = P_ij adds dlse_i·P_ij to dS).
+  """
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b, nq, h, d = q.shape
   rep = h // k.shape[2]
@@ -89,7 +93,7 @@ def np_attention(q, k, v, tq, tk, sigma, scale, vis, dout=None):
   do = np.asarray(dout, np.float64)
   dp = np.einsum("bqhd,bkhd->bhqk", do, vr)
   delta = np.einsum("bqhd,bqhd->bhq", do, out)[..., None]
-  ds = p * (dp - delta)
+  ds = p * (dp - delta + (0.0 if dlse is None else np.asarray(dlse, np.float64)[..., None]))
   dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
   dkr = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
   dvr = np.einsum("bhqk,bqhd->bkhd", p, do)
@@ -99,7 +103,13 @@ def np_attention(q, k, v, tq, tk, sigma, scale, vis, dout=None):
     # dL/dσ = Σ dS·dt²/σ³ = Σ dS·2·pen/σ; 0 where σ = inf or the clamp is active.
     dsig = np.einsum("bhqk,bhqk->h", ds, pen) * 2 / sig
   dsig = np.where(np.isinf(sig) | (0.5 / sig**2 >= INV_MAX), 0.0, dsig)
-  return out, (dq, fold(dkr), fold(dvr), dsig)
+  grads = (dq, fold(dkr), fold(dvr), dsig)
+  if dlse is None:
+    return out, grads
+  with np.errstate(divide="ignore"):
+    lse = np.where(l[..., 0] > 0, m[..., 0] + np.log(np.where(l[..., 0] > 0, l[..., 0], 1)),
+                   -np.inf)
+  return out, lse, grads
 
 
 def rel_err(x, ref):
@@ -217,6 +227,56 @@ def test_matches_float64_reference(impl, name):
     assert np.all(out[empty] == 0)
     assert np.all(grads[0][empty] == 0)
   assert (not empty.any()) == (name != "fp32_gqa_causal_window_segments")
+
+
+@pytest.mark.parametrize("impl,name", [
+    ("xla", "fp32_gqa_causal_window_segments"),
+    ("xla_chunked", "fp32_gqa_causal_window_segments"),
+    ("pallas_tpu", "fp32_gqa_causal_window_segments"),
+    ("xla_chunked", "bf16_d128_block_causal_lookahead_padding"),
+    ("pallas_tpu", "bf16_d128_block_causal_lookahead_padding"),
+])
+def test_return_lse_and_its_gradient(impl, name):
+  """`return_lse=True`: lse against float64, and the gradients of a loss that reads both out
+  and lse (the lse cotangent enters dS and dσ) against the analytic formulas."""
+  c = CASES[name]
+  x, q_seg, kv_seg, sigma = case_arrays(name)
+  vis = np_visible(x["tq"], x["tk"], q_seg=q_seg, kv_seg=kv_seg, **c["mask"])
+  b, nq, h, _ = x["q"].shape
+  dlse = np.random.default_rng(3).normal(size=(b, h, nq)).astype(np.float32)
+  scale = x["q"].shape[-1] ** -0.5
+  ref_out, ref_lse, ref_grads = np_attention(x["q"], x["k"], x["v"], x["tq"], x["tk"], sigma,
+                                             scale, vis, x["dout"], dlse)
+  extra = _impl_kwargs(impl, c["blocks"])
+
+  @jax.jit
+  def fwd_bwd(q, k, v, s):
+    def loss(q, k, v, s):
+      out, lse = api.gaussian_attention(q, k, v, x["tq"], x["tk"], s, q_segment_ids=q_seg,
+                                        kv_segment_ids=kv_seg, implementation=impl,
+                                        return_lse=True, **c["mask"], **extra)
+      read = jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * dlse)
+      return jnp.sum(out.astype(jnp.float32) * x["dout"].astype(jnp.float32)) + read, (out, lse)
+    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, s)
+
+  grads, (out, lse) = fwd_bwd(x["q"], x["k"], x["v"], jnp.asarray(sigma))
+  lse = np.asarray(lse)
+  assert lse.shape == (b, h, nq) and lse.dtype == np.float32
+  empty = ~np.broadcast_to(vis.any(-1)[:, None], lse.shape)
+  assert np.array_equal(np.isneginf(lse), empty)
+  low = c["shape"]["dtype"] != jnp.float32
+  lse_err = np.abs(lse[~empty] - ref_lse[~empty]) / (1.0 + np.abs(ref_lse[~empty]))
+  assert lse_err.max() <= (1e-2 if low else 1e-5), lse_err.max()
+  assert rel_err(np.asarray(out, np.float32), ref_out) <= (1e-2 if low else 1e-5)
+  for gname, g, r in zip(("dq", "dk", "dv", "dsigma"), grads, ref_grads):
+    assert rel_err(np.asarray(g, np.float32), r) <= (2e-2 if low else 1e-4), (gname,
+                                                                               rel_err(g, r))
+  # The lse term changes dq, dk and dσ (dv = Pᵀ·dout does not see it): a backend that
+  # ignored dlse would fail above.
+  _, base_grads = np_attention(x["q"], x["k"], x["v"], x["tq"], x["tk"], sigma, scale, vis,
+                               x["dout"])
+  for i in (0, 1, 3):
+    assert rel_err(ref_grads[i], base_grads[i]) > 1e-2
 
 
 def test_pallas_gpu_backend():
@@ -374,6 +434,49 @@ def test_sharded_one_vs_eight_devices(impl):
                    kv_seg=np.asarray(kv_seg))
   assert rel_err(o1, np_attention(x["q"], x["k"], x["v"], x["tq"], x["tk"], np.asarray(sigma),
                                   16 ** -0.5, vis)) <= 1e-5
+
+
+def test_context_ring_matches_float64_and_all_gather():
+  """Sequence split over 4 devices: the ring (ppermute of K/V, steps merged by lse) and the
+  all-gather schedule both match float64 (out and all four gradients), with causal masks,
+  key padding, grouped heads and Nq ≠ Nk; the ring's program permutes and never gathers.
+
+  The ring needs only the backends' lse contract (test_return_lse_and_its_gradient, per
+  backend); the Pallas TPU kernels run under it in test_sharded_one_vs_eight_devices.
+  """
+  impl = "xla_chunked"
+  from avatar_jax import sharding as shd
+  x = make_inputs(11, b=2, nq=32, nk=24, h=4, hkv=2, d=16, dtype=jnp.float32)
+  kv_seg = np.zeros((2, 24), np.int32)
+  kv_seg[1, -7:] = -1  # batch row 1: the last 7 keys (two devices' slices) are padding
+  sigma = jnp.asarray([0.05, 0.3, 1.0, np.inf], jnp.float32)
+  mesh = shd.make_mesh({"data": 2, "context": 4}, devices=jax.devices()[:8])
+  extra = dict(chunk_q=8, chunk_k=4)
+
+  def grads_of(schedule):
+    def loss(q, k, v, s):
+      o = sharded.sharded_gaussian_attention(
+          q, k, v, x["tq"], x["tk"], s, mesh=mesh, causal=True, kv_segment_ids=kv_seg,
+          context_schedule=schedule, implementation=impl, **extra)
+      return jnp.sum(o * x["dout"]), o
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    hlo = fn.lower(x["q"], x["k"], x["v"], sigma).as_text()
+    (_, out), grads = fn(x["q"], x["k"], x["v"], sigma)
+    return hlo, np.asarray(out), [np.asarray(g) for g in grads]
+
+  vis = np_visible(x["tq"], x["tk"], causal=True, kv_seg=kv_seg)
+  ref_out, ref_grads = np_attention(x["q"], x["k"], x["v"], x["tq"], x["tk"],
+                                    np.asarray(sigma), 16 ** -0.5, vis, x["dout"])
+  for schedule in ("ring", "all_gather"):
+    hlo, out, grads = grads_of(schedule)
+    assert ("collective_permute" in hlo) == (schedule == "ring"), schedule
+    assert ("all_gather" in hlo) == (schedule == "all_gather"), schedule
+    assert rel_err(out, ref_out) <= 1e-5, (schedule, rel_err(out, ref_out))
+    for gname, g, r in zip(("dq", "dk", "dv", "dsigma"), grads, ref_grads):
+      assert rel_err(g, r) <= 1e-4, (schedule, gname, rel_err(g, r))
+  with pytest.raises(ValueError, match="context_schedule"):
+    sharded.sharded_gaussian_attention(x["q"], x["k"], x["v"], x["tq"], x["tk"], sigma,
+                                       mesh=mesh, context_schedule="tree")
 
 
 def test_auto_dispatch_on_cpu():

@@ -132,6 +132,41 @@ def test_interpret_forward_backward_matches_float64_reference():
   assert lse.shape == (b, h, nq) and np.all(np.isfinite(np.asarray(lse)))
 
 
+def test_interpret_lse_cotangent_matches_float64_reference():
+  """backward(dlse=...): a loss reading out and lse (what the context ring merges by) against
+  autodiff of the float64 reference; dlse enters delta and the dσ partial (through pen̄)."""
+  b, nq, nk, h, hkv, d = 1, 128, 100, 2, 1, 64
+  q, k, v, do, tq, tk = _inputs(4, b, nq, nk, h, hkv, d)
+  sigma = jnp.asarray([0.1, 0.7], jnp.float32)
+  spec = common.MaskSpec(causal=True)
+  qs, ks = common.normalise_segment_ids(None, None, b, nq, nk)
+  dlse = jnp.asarray(np.random.default_rng(5).standard_normal((b, h, nq)), jnp.float32)
+  kw = dict(scale=d ** -0.5, spec=spec, q_segment_ids=None, kv_segment_ids=None,
+            interpret=True, block_q=64, block_kv=128, block_kv_dq=64)
+  out, lse = pallas_gpu.forward(q, k, v, tq, tk, sigma, **kw)
+  got = pallas_gpu.backward(q, k, v, tq, tk, sigma, out, lse, do, dlse=dlse, **kw)
+  finite = np.isfinite(np.asarray(lse))  # causal: rows before the first key see nothing
+  with jax.enable_x64(True):
+    c = lambda x: jnp.asarray(np.asarray(x, np.float64))
+
+    def loss(q, k, v, sigma):
+      o, l = reference.gaussian_attention_segments(
+          q, k, v, c(tq), c(tk), sigma, scale=d ** -0.5, spec=spec, q_segment_ids=qs,
+          kv_segment_ids=ks, return_lse=True)
+      return jnp.sum(o * c(do)) + jnp.sum(jnp.where(finite, l, 0.0) * c(dlse)), l
+
+    (_, ref_lse), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+        c(q), c(k), c(v), c(sigma))
+  np.testing.assert_array_equal(finite, np.isfinite(np.asarray(ref_lse)))
+  np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-3,
+                             atol=1e-3)
+  for name, g, want in zip(("dq", "dk", "dv", "dsigma"), got, grads):
+    assert _rel(g, want) < 2e-2, name
+  plain = pallas_gpu.backward(q, k, v, tq, tk, sigma, out, lse, do, **kw)
+  for i in (0, 1, 3):  # dlse reaches dq, dk and dσ (not dv)
+    assert _rel(plain[i], grads[i]) > 5e-2
+
+
 def test_interpret_persistent_forward_with_empty_items():
   """The persistent forward walks several (batch, head, tile) items per CTA; a whole query
   tile that sees no key (zero steps) must give zeros and lse = −inf without desynchronising

@@ -143,7 +143,8 @@ def _check_inputs(q, k, v, t_q, t_k, sigma, q_segment_ids, kv_segment_ids):
 def gaussian_attention(q, k, v, t_q, t_k, sigma, *, scale=None, causal=False,
                        causal_block=None, lookahead_blocks=0, window=None,
                        q_segment_ids=None, kv_segment_ids=None, bias_cutoff=None,
-                       implementation="auto", interpret=False, **block_sizes):
+                       implementation="auto", interpret=False, return_lse=False,
+                       **block_sizes):
   """Attention with a per-head Gaussian bias on time distance.
 
   Args:
@@ -165,11 +166,16 @@ def gaussian_attention(q, k, v, t_q, t_k, sigma, *, scale=None, causal=False,
       logit, A the largest q·k·scale among skipped keys (see docs/gaussian_attention.md).
     implementation: "auto" | "xla" | "xla_chunked" | "pallas_gpu" | "pallas_tpu".
     interpret: run Pallas kernels in interpret mode (CPU testing).
+    return_lse: also return lse [B, H, Nq] float32, the natural-log normaliser
+      log Σ_j exp(s_ij) over the visible (kept) keys, −inf for a row with none. Differentiable:
+      attention over key chunks merges exactly by lse (what the `context` ring of
+      sharded.py does).
     **block_sizes: forwarded to the backend (e.g. block_q=, block_k= for Pallas,
       chunk_q=, chunk_k= for xla_chunked).
 
   Returns:
-    [B, Nq, H, D] in q.dtype. A query with no visible key returns zeros (and zero grads).
+    [B, Nq, H, D] in q.dtype, or (out, lse) with `return_lse`. A query with no visible key
+    returns zeros (and zero grads).
   """
   _check_inputs(q, k, v, t_q, t_k, sigma, q_segment_ids, kv_segment_ids)
   b, nq, h, d = q.shape
@@ -187,10 +193,12 @@ def gaussian_attention(q, k, v, t_q, t_k, sigma, *, scale=None, causal=False,
       raise TypeError(f"implementation='xla' takes no block sizes, got {sorted(block_sizes)}")
     return reference.gaussian_attention_segments(q, k, v, t_q, t_k, sigma, scale=scale,
                                                  spec=spec, q_segment_ids=q_seg,
-                                                 kv_segment_ids=kv_seg)
+                                                 kv_segment_ids=kv_seg,
+                                                 return_lse=return_lse)
   if q_segment_ids is None and kv_segment_ids is None:
     q_seg = kv_seg = None  # backends may then know statically that nothing is masked
-  static = _Static(impl, scale, spec, bool(interpret), tuple(sorted(block_sizes.items())))
+  static = _Static(impl, scale, spec, bool(interpret), tuple(sorted(block_sizes.items())),
+                   bool(return_lse))
   return _attention_vjp(static, q, k, v, t_q, t_k, sigma, q_seg, kv_seg)
 
 
@@ -198,14 +206,15 @@ class _Static(tuple):
   """Hashable bundle of the non-array arguments of the custom_vjp."""
   __slots__ = ()
 
-  def __new__(cls, impl, scale, spec, interpret, block_sizes):
-    return super().__new__(cls, (impl, scale, spec, interpret, block_sizes))
+  def __new__(cls, impl, scale, spec, interpret, block_sizes, with_lse):
+    return super().__new__(cls, (impl, scale, spec, interpret, block_sizes, with_lse))
 
   impl = property(lambda s: s[0])
   scale = property(lambda s: s[1])
   spec = property(lambda s: s[2])
   interpret = property(lambda s: s[3])
   block_sizes = property(lambda s: dict(s[4]))
+  with_lse = property(lambda s: s[5])
 
 
 def _kwargs(static, q_seg, kv_seg):
@@ -215,22 +224,26 @@ def _kwargs(static, q_seg, kv_seg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention_vjp(static, q, k, v, t_q, t_k, sigma, q_seg, kv_seg):
-  # Not differentiated: nothing reads lse, so backends may trade its precision for speed.
-  out, _ = _backend_module(static.impl).forward(q, k, v, t_q, t_k, sigma, exact_lse=False,
-                                                **_kwargs(static, q_seg, kv_seg))
-  return out
+  # Not differentiated: unless the caller reads lse, backends may trade its precision for
+  # speed.
+  out, lse = _backend_module(static.impl).forward(q, k, v, t_q, t_k, sigma,
+                                                  exact_lse=static.with_lse,
+                                                  **_kwargs(static, q_seg, kv_seg))
+  return (out, lse) if static.with_lse else out
 
 
 def _attention_fwd(static, q, k, v, t_q, t_k, sigma, q_seg, kv_seg):
   out, lse = _backend_module(static.impl).forward(q, k, v, t_q, t_k, sigma,
                                                   **_kwargs(static, q_seg, kv_seg))
-  return out, (q, k, v, t_q, t_k, sigma, q_seg, kv_seg, out, lse)
+  res = (q, k, v, t_q, t_k, sigma, q_seg, kv_seg, out, lse)
+  return ((out, lse) if static.with_lse else out), res
 
 
-def _attention_bwd(static, res, dout):
+def _attention_bwd(static, res, cts):
   q, k, v, t_q, t_k, sigma, q_seg, kv_seg, out, lse = res
+  dout, dlse = cts if static.with_lse else (cts, None)
   dq, dk, dv, dsigma = _backend_module(static.impl).backward(
-      q, k, v, t_q, t_k, sigma, out, lse, dout, **_kwargs(static, q_seg, kv_seg))
+      q, k, v, t_q, t_k, sigma, out, lse, dout, dlse=dlse, **_kwargs(static, q_seg, kv_seg))
 
   def zero(x):
     if x is None:

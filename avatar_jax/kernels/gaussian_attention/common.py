@@ -24,7 +24,7 @@ Every backend module (``reference`` chunked path, ``pallas_tpu``, ``pallas_gpu``
              its dσ sums amplify any error in Σ_j P = 1 by the Gaussian term.
 
     backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment_ids,
-             kv_segment_ids, interpret=False, **block_sizes) -> (dq, dk, dv, dsigma)
+             kv_segment_ids, interpret=False, dlse=None, **block_sizes) -> (dq, dk, dv, dsigma)
         dq: [B, Nq, H, D] q.dtype; dk, dv: [B, Nk, Hkv, D] k.dtype / v.dtype;
         dsigma: [H] float32, dL/dσ_h = Σ dS · (t_q − t_k)² / σ_h³ = (2/σ_h) Σ dS · pen
         with dS = ∂L/∂s and pen = (t_q − t_k)² · inv[h] (see :func:`dsigma_from_partial`).
@@ -36,6 +36,10 @@ Every backend module (``reference`` chunked path, ``pallas_tpu``, ``pallas_gpu``
         `out` is amplified by large pen, and (2) shifts pen by lse, which keeps the terms at
         the size of the logit range: for narrow heads pen and lse are both in the hundreds
         and a plain Σ dS·pen loses everything to cancellation.
+        dlse: None, or the cotangent of `lse` [B, H, Nq] float32 (when the caller reads lse,
+        e.g. to merge attention over key chunks). Since ∂lse_i/∂s_ij = P_ij it adds
+        dlse_i·P_ij to dS: delta becomes delta − dlse, and the row's Σ_j dS·pen gains
+        dlse_i·pen̄_i with pen̄_i = Σ_j P_ij·pen_ij = B − shift (see :func:`dsigma_row_partial`).
 
 ``q_segment_ids`` / ``kv_segment_ids`` are int32 arrays in the convention of
 :func:`normalise_segment_ids`, or both None (no segments: every key visible unless the spec
@@ -139,9 +143,16 @@ def dsigma_shift(lse):
   return jnp.where(jnp.isfinite(lse), lse, 0.0)
 
 
-def dsigma_row_partial(a, b, c):
-  """Per-row accumulators (A, B, C) of the contract → the row's Σ_j dS·pen (= A − C·B)."""
-  return a - c * b
+def dsigma_row_partial(a, b, c, dlse=None, shift=None):
+  """Per-row accumulators (A, B, C) of the contract → the row's Σ_j dS·pen (= A − C·B).
+
+  With an lse cotangent `dlse` (and the rows' `shift`, :func:`dsigma_shift` of lse) the row
+  gains dlse·pen̄, pen̄ = Σ_j P·pen = B − shift.
+  """
+  rows = a - c * b
+  if dlse is not None:
+    rows = rows + dlse * (b - shift)
+  return rows
 
 
 def gaussian_penalty(tq, tk, inv_h):

@@ -1272,7 +1272,7 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
 
 
 def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment_ids,
-             kv_segment_ids, interpret=False, **block_sizes):
+             kv_segment_ids, interpret=False, dlse=None, **block_sizes):
   """Backend contract backward: (dq, dk, dv, dsigma [H] float32)."""
   cfg = _blocks(block_sizes, q.shape[-1], interpret)
   q_mult, k_mult = _multiples(cfg)
@@ -1282,6 +1282,9 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   # Rows with no visible key have lse = −inf; +inf makes their p = exp2(s − lse) exactly 0.
   lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf).astype(jnp.float32)
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
+  if dlse is not None:  # ∂lse/∂s = P: dS = P·(dP − delta + dlse)
+    dlse = dlse.astype(jnp.float32)
+    delta = delta - dlse
   pad_q = prep.nq_p - nq
   lse2 = jnp.pad(lse2, [(0, 0), (0, 0), (0, pad_q)], constant_values=jnp.inf)
   delta = jnp.pad(delta, [(0, 0), (0, 0), (0, pad_q)])
@@ -1309,6 +1312,9 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   # The kernels applied the scale to dQ and dK in fp32: no extra pass (nor rounding) here.
   dq, dk, dv = dq[:, :nq], dk[:, :nk], dv[:, :nk]
   # The kernel's pen is in log2 units: pen_log2 = pen·log2(e).
-  dsig_partial = jnp.sum(part[:, :, :nk], axis=(0, 2)) * (1.0 / LOG2E)
+  dsig_partial = jnp.sum(part[:, :, :nk], axis=(0, 2))
+  if dlse is not None:  # + Σ_i dlse_i·pen̄_i (common.py); pen̄ is in log2 units like part
+    dsig_partial = dsig_partial + jnp.einsum("bhq,bhq->h", dlse, pbar[:, :, :nq])
+  dsig_partial = dsig_partial * (1.0 / LOG2E)
   dsigma = common.dsigma_from_partial(dsig_partial, sigma)
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), dsigma.astype(jnp.float32)

@@ -249,8 +249,8 @@ def _forward_padded(p, scale, spec, interpret):
 
 def _dq_kernel(*refs, spec, scale, precision, nqb, nkb, h_total):
   tables = _unpack(refs[:_N_TABLES])
-  (q_ref, k_ref, v_ref, tq_ref, tk_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref,
-   dsig_ref, dq_scr, a_scr, b_scr, c_scr) = refs[_N_TABLES:]
+  (q_ref, k_ref, v_ref, tq_ref, tk_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref, dlse_ref,
+   dq_ref, dsig_ref, dq_scr, a_scr, b_scr, c_scr) = refs[_N_TABLES:]
   b, h, i, j = (pl.program_id(a) for a in range(4))
 
   @pl.when(j == 0)
@@ -284,7 +284,8 @@ def _dq_kernel(*refs, spec, scale, precision, nqb, nkb, h_total):
   @pl.when(j == nkb - 1)
   def _finish():
     dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
-    rows = common.dsigma_row_partial(a_scr[...], b_scr[...], c_scr[...])  # [bq, 1]
+    rows = common.dsigma_row_partial(a_scr[...], b_scr[...], c_scr[...], dlse_ref[...],
+                                     common.dsigma_shift(lse_ref[...]))  # [bq, 1]
     dsig_ref[...] = jnp.broadcast_to(jnp.sum(rows, axis=0, keepdims=True), dsig_ref.shape)
 
 
@@ -324,7 +325,7 @@ def _dkv_kernel(*refs, spec, scale, precision, nqb, nkb, rep, h_total):
 
 
 def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment_ids,
-             kv_segment_ids, interpret=False, block_q=None, block_k=None):
+             kv_segment_ids, interpret=False, dlse=None, block_q=None, block_k=None):
   """(dq, dk, dv, dsigma [H] float32) (contract in common.py)."""
   p = _Prep(q, k, v, t_q, t_k, sigma, q_segment_ids, kv_segment_ids, spec, block_q, block_k,
             interpret)
@@ -335,7 +336,11 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   # Padded query rows get lse = +inf, so their p = exp(s − lse) is exactly 0.
   lse_p = common.pad_axis(lse.astype(jnp.float32), p.nq_p, 2, mode="constant",
                           value=jnp.inf)[..., None]
-  delta = delta[..., None]
+  # lse cotangent (zeros when the caller reads out only): dS = P·(dP − delta + dlse).
+  dlse = (jnp.zeros_like(delta) if dlse is None else
+          common.pad_axis(dlse.astype(jnp.float32), p.nq_p, 2, mode="constant"))
+  delta = (delta - dlse)[..., None]
+  dlse = dlse[..., None]
   interp = _interpret_arg(interpret)
 
   # dq (+ dσ partials): grid (B, H, nqb, nkb), K/V index clamped to the needed range.
@@ -348,7 +353,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
           num_scalar_prefetch=_N_TABLES,
           grid=(p.b, h, nqb, nkb),
           in_specs=[q_spec, kv_spec, kv_spec, tq_spec, tk_spec, tq_spec, tk_spec, q_spec,
-                    row_spec, row_spec],
+                    row_spec, row_spec, row_spec],
           out_specs=[q_spec, dsig_spec],
           scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]
           + [pltpu.VMEM((bq, 1), jnp.float32)] * 3),
@@ -358,7 +363,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interp,
       name="gaussian_attention_dq",
-  )(*p.tables, p.q, p.k, p.v, p.tq, p.tk, p.qs, p.ks, do, lse_p, delta)
+  )(*p.tables, p.q, p.k, p.v, p.tq, p.tk, p.qs, p.ks, do, lse_p, delta, dlse)
 
   # dk/dv: grid (B, Hkv, nkb, rep, nqb), Q-side index clamped to the needed q-block range.
   def qside(b, g, j, r, i, t):

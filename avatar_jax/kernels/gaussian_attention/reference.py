@@ -42,10 +42,11 @@ def visibility(t_q, t_k, *, causal=False, causal_block=None, lookahead_blocks=0,
 
 
 def gaussian_attention_segments(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids,
-                                kv_segment_ids):
+                                kv_segment_ids, return_lse=False):
   """Materialising reference with a MaskSpec and normalised segment ids. Returns q.dtype.
 
-  `spec.bias_cutoff` is ignored (the reference is exact).
+  `spec.bias_cutoff` is ignored (the reference is exact). With `return_lse` also returns
+  lse [B, H, Nq] float32 (natural log, −inf for a row with no visible key).
   """
   b, nq, h, d = q.shape
   hkv = k.shape[2]
@@ -63,9 +64,13 @@ def gaussian_attention_segments(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segm
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   p = jnp.exp(logits - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(l == 0, 1.0, l)
-  out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(cd))
-  return out.astype(q.dtype)
+  l_safe = jnp.where(l == 0, 1.0, l)
+  p = p / l_safe
+  out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(cd)).astype(q.dtype)
+  if not return_lse:
+    return out
+  lse = jnp.where(l[..., 0] > 0, (m + jnp.log(l_safe))[..., 0], -jnp.inf)
+  return out, lse.astype(jnp.float32)
 
 
 def gaussian_attention(q, k, v, t_q, t_k, sigma, *, scale=None, causal=False,
@@ -171,7 +176,7 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
 
 
 def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment_ids,
-             kv_segment_ids, interpret=False, chunk_q=512, chunk_k=512):
+             kv_segment_ids, interpret=False, dlse=None, chunk_q=512, chunk_k=512):
   """Chunked flash-style backward → (dq, dk, dv, dsigma [H] float32).
 
   Outer scan over KV chunks (dk/dv of that chunk accumulated over an inner scan over query
@@ -197,9 +202,17 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   delta = jnp.sum(dout.astype(cd) * out.astype(cd), axis=-1)  # [B, Nq, H]
   delta = common.pad_axis(delta, nq_p, 1, mode="constant")
   delta = delta.reshape(b, nqc, cq, hkv, rep).transpose(1, 0, 3, 4, 2)
+
+  def group_rows(x, pad):  # [B, H, Nq] → [nqc, B, Hkv, rep, cq]
+    x = common.pad_axis(x.astype(cd), nq_p, 2, mode="constant", value=pad)
+    return x.reshape(b, hkv, rep, nqc, cq).transpose(3, 0, 1, 2, 4)
+
   # Padded query rows get lse = +inf so that their p = exp(s − lse) is 0, not exp(+inf).
-  lse_g = common.pad_axis(lse.astype(cd), nq_p, 2, mode="constant", value=jnp.inf)
-  lse_g = lse_g.reshape(b, hkv, rep, nqc, cq).transpose(3, 0, 1, 2, 4)
+  lse_g = group_rows(lse, jnp.inf)
+  dlse_g = None
+  if dlse is not None:  # ∂lse/∂s = P: dS = P·(dP − delta + dlse)
+    dlse_g = group_rows(dlse, 0.0)
+    delta = delta - dlse_g
 
   def kv_step(carry, kv):
     dq, abc = carry
@@ -231,7 +244,8 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   rows = jnp.zeros(qg.shape[:-1], cd)  # [nqc, B, Hkv, rep, cq]
   init = (jnp.zeros(qg.shape, cd), (rows, rows, rows))
   (dq, abc), (dk, dv) = jax.lax.scan(kv_step, init, (kg, vg, tk, ks))
-  dsig = jnp.sum(common.dsigma_row_partial(*abc), axis=(0, 1, 4))  # [Hkv, rep]
+  shift = common.dsigma_shift(lse_g) if dlse is not None else None
+  dsig = jnp.sum(common.dsigma_row_partial(*abc, dlse_g, shift), axis=(0, 1, 4))  # [Hkv, rep]
   dq = dq.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq_p, h, d)[:, :nq]
   dk = dk.transpose(1, 0, 3, 2, 4).reshape(b, -1, hkv, d)[:, :nk]
   dv = dv.transpose(1, 0, 3, 2, 4).reshape(b, -1, hkv, d)[:, :nk]

@@ -2,11 +2,22 @@
 
 Layout (mesh axes of sharding.py): batch over (`data`, `fsdp`), heads over `tensor`, and the
 sequence over `context` (sequence parallel). Attention is independent per (batch, head), so
-batch and head sharding need no communication. With a `context` axis of size > 1 each device
-holds a slice of the queries and of the keys; K, V, key times and key segment ids are
-all-gathered over `context` inside the map (the backward of the all-gather is a
-reduce-scatter, so dK/dV come back sharded). That costs one full copy of K/V per device, which
-is fine for the sequence lengths of this project; a ring (ppermute) schedule would avoid it.
+batch and head sharding need no communication. With a `context` axis of size n > 1 each
+device holds a slice of the queries and of the keys, and `context_schedule` picks how the keys
+reach the queries:
+
+  * ``"ring"`` (default): n steps; at step s each device attends its queries to the K/V slice
+    of device (i − s) mod n while `ppermute` passes that slice on to the next device, so the
+    transfer of step s + 1 runs under the kernels of step s. Each step returns (out, lse)
+    (`return_lse=True`) and the steps merge exactly by their lse; the backward is the steps'
+    own backward (the lse cotangent goes into dS), and dK/dV travel the ring back to their
+    owner. Extra memory: one K/V slice in flight.
+  * ``"all_gather"``: K, V, key times and key segment ids are all-gathered over `context`
+    (the backward of the all-gather is a reduce-scatter, so dK/dV come back sharded); one full
+    copy of K/V per device, and the kernels wait for the whole gather.
+
+Masks are computed from times, so any assignment of positions to devices is exact; with
+`causal`, slices in a device's future are skipped block by block (their steps cost a launch).
 
 σ [H] is sharded like the heads; its gradient is summed over the batch / context devices by
 shard_map's transpose.
@@ -17,9 +28,12 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from avatar_jax.kernels.gaussian_attention import api
+
+CONTEXT_SCHEDULES = ("ring", "all_gather")
 
 
 def _present(mesh, axes):
@@ -38,8 +52,8 @@ def _spec_entry(axes):
 
 def sharded_gaussian_attention(q, k, v, t_q, t_k, sigma, *, mesh=None,
                                batch_axes=("data", "fsdp"), head_axis="tensor",
-                               context_axis="context", q_segment_ids=None,
-                               kv_segment_ids=None, **kwargs):
+                               context_axis="context", context_schedule="ring",
+                               q_segment_ids=None, kv_segment_ids=None, **kwargs):
   """`api.gaussian_attention` with q/k/v sharded over batch, heads and (optionally) sequence.
 
   Args:
@@ -49,11 +63,19 @@ def sharded_gaussian_attention(q, k, v, t_q, t_k, sigma, *, mesh=None,
     batch_axes / head_axis / context_axis: mesh axis names; axes absent from the mesh are
       ignored. B must divide by the batch axes' size, H and Hkv by the head axis' size, Nq and
       Nk by the context axis' size.
-    q_segment_ids, kv_segment_ids, **kwargs: forwarded to `api.gaussian_attention`.
+    context_schedule: "ring" or "all_gather": how K/V cross the `context` axis (module
+      docstring). Ignored without a `context` axis of size > 1.
+    q_segment_ids, kv_segment_ids, **kwargs: forwarded to `api.gaussian_attention`
+      (`return_lse` is not supported here).
 
   Returns:
     [B, Nq, H, D] sharded as P(batch_axes, context_axis, head_axis, None).
   """
+  if context_schedule not in CONTEXT_SCHEDULES:
+    raise ValueError(f"context_schedule must be one of {CONTEXT_SCHEDULES}, got "
+                     f"{context_schedule!r}")
+  if "return_lse" in kwargs:
+    raise TypeError("sharded_gaussian_attention returns out only; return_lse is not supported")
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
@@ -73,7 +95,7 @@ def sharded_gaussian_attention(q, k, v, t_q, t_k, sigma, *, mesh=None,
   bs, hs, cs = _spec_entry(batch), _spec_entry(heads), _spec_entry(ctx)
   x_spec = P(bs, cs, hs, None)
   t_spec = P(bs, cs)
-  gather = bool(ctx) and _size(mesh, ctx) > 1
+  n_ctx = _size(mesh, ctx) if ctx else 1
 
   args = [q, k, v, t_q, t_k, sigma]
   specs = [x_spec, x_spec, x_spec, t_spec, t_spec, P(hs)]
@@ -89,7 +111,9 @@ def sharded_gaussian_attention(q, k, v, t_q, t_k, sigma, *, mesh=None,
     segs = list(segs)
     q_seg = segs.pop(0) if has_q_seg else None
     kv_seg = segs.pop(0) if has_kv_seg else None
-    if gather:
+    if n_ctx > 1 and context_schedule == "ring":
+      return _ring(q, k, v, t_q, t_k, sigma, q_seg, kv_seg, axis=ctx, n=n_ctx, **kwargs)
+    if n_ctx > 1:
       all_gather = functools.partial(jax.lax.all_gather, axis_name=ctx, axis=1, tiled=True)
       k, v, t_k = all_gather(k), all_gather(v), all_gather(t_k)
       if kv_seg is not None:
@@ -108,6 +132,38 @@ def sharded_gaussian_attention(q, k, v, t_q, t_k, sigma, *, mesh=None,
   fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=x_spec,
                      check_vma=False)
   return fn(*args)
+
+
+def _ring(q, k, v, t_q, t_k, sigma, q_seg, kv_seg, *, axis, n, **kwargs):
+  """Inside the map: the local queries against all n K/V slices, passed round the ring.
+
+  Step s attends to device (i − s) mod n's slice and merges by lse in float32 (online
+  softmax over slices): out = Σ_s w_s·out_s / Σ_s w_s, w_s = exp(lse_s − m), m a running
+  max held constant for autodiff (the ratio does not depend on it).
+  """
+  perm = [(i, (i + 1) % n) for i in range(n)]
+  kv = (k, v, t_k, kv_seg)
+  b, nq, h, d = q.shape
+  o_acc = jnp.zeros((b, nq, h, d), jnp.float32)
+  l_acc = jnp.zeros((b, nq, h, 1), jnp.float32)
+  m = jnp.full((b, nq, h, 1), -jnp.inf, jnp.float32)
+  for step in range(n):
+    # Issued before this step's kernels, so the transfer overlaps them.
+    nxt = (None if step == n - 1 else
+           tuple(None if x is None else jax.lax.ppermute(x, axis, perm) for x in kv))
+    k, v, t_k, kv_seg = kv
+    out, lse = api.gaussian_attention(q, k, v, t_q, t_k, sigma, q_segment_ids=q_seg,
+                                      kv_segment_ids=kv_seg, return_lse=True, **kwargs)
+    lse = jnp.swapaxes(lse, 1, 2)[..., None]  # [B, Nq, H, 1]
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, lse))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
+    alpha = jnp.exp(m - m_safe)
+    w = jnp.exp(lse - m_safe)
+    o_acc = alpha * o_acc + w * out.astype(jnp.float32)
+    l_acc = alpha * l_acc + w
+    m = m_new
+    kv = nxt
+  return (o_acc / jnp.where(l_acc > 0, l_acc, 1.0)).astype(q.dtype)
 
 
 def _explicit(mesh) -> bool:
