@@ -3,9 +3,11 @@
   python benchmarks/attention_sharded.py --out_md /tmp/attention_sharded.md
 
 Times forward+backward (VJP w.r.t. q, k, v and σ) of `sharded_gaussian_attention` at
-B8 N4096 H16 D128 (bf16, no mask) on one GPU and on all GPUs of the host with the work split
-over the batch (`data`), the heads (`tensor`) or the sequence (`context`: queries split, K/V
-all-gathered inside the map, dK/dV reduce-scattered back). Inputs are placed with the layout's
+B8 N4096 H16 D128 (bf16, no mask unless --causal) on one GPU and on all GPUs of the host with
+the work split over the batch (`data`), the heads (`tensor`) or the sequence: `context`
+(queries split, K/V passed round the ring under the kernels, steps merged by lse; dK/dV travel
+back the same way) or `context_all_gather` (K/V all-gathered inside the map, dK/dV
+reduce-scattered back). Inputs are placed with the layout's
 sharding before timing, so the time is the step's, not the host-to-device or resharding copy.
 Timing as in benchmarks/attention.py: warm-up, then `--reps` rounds in a shuffled order, each
 sample ~20 ms of back-to-back calls; median reported. Speedup = one GPU's time / this time.
@@ -30,14 +32,18 @@ from attention import sample  # pylint: disable=g-import-not-at-top,wrong-import
 from avatar_jax import sharding as shd  # pylint: disable=wrong-import-position
 from avatar_jax.kernels.gaussian_attention import sharded  # pylint: disable=wrong-import-position
 
-# Layout → (mesh axis, PartitionSpec of q/k/v [B, N, H, D]).
-LAYOUTS = {"data": P("data"), "tensor": P(None, None, "tensor"), "context": P(None, "context")}
+# Layout → (mesh axis, PartitionSpec of q/k/v [B, N, H, D], context schedule).
+LAYOUTS = {"data": ("data", P("data"), "ring"),
+           "tensor": ("tensor", P(None, None, "tensor"), "ring"),
+           "context": ("context", P(None, "context"), "ring"),
+           "context_all_gather": ("context", P(None, "context"), "all_gather")}
 
 
-def step_fn(mesh, t, implementation):
+def step_fn(mesh, t, implementation, schedule="ring", causal=False):
   def loss(q, k, v, sigma):
     o = sharded.sharded_gaussian_attention(q, k, v, t, t, sigma, mesh=mesh,
-                                           implementation=implementation)
+                                           implementation=implementation,
+                                           context_schedule=schedule, causal=causal)
     # dL/do = q: a cotangent sharded like the output, non-zero and not a broadcast.
     return jnp.sum(o.astype(jnp.float32) * q.astype(jnp.float32))
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
@@ -49,7 +55,8 @@ def main(argv=None):
   p.add_argument("--seq", type=int, default=4096)
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--dim", type=int, default=128)
-  p.add_argument("--layouts", default="data,tensor,context")
+  p.add_argument("--layouts", default="data,tensor,context,context_all_gather")
+  p.add_argument("--causal", action="store_true")
   p.add_argument("--implementation", default="pallas_gpu")
   p.add_argument("--reps", type=int, default=15)
   p.add_argument("--out_md", default=None)
@@ -64,14 +71,16 @@ def main(argv=None):
   t = jnp.asarray(np.broadcast_to(np.arange(s) / 25.0, (b, s)), jnp.float32)
   sigma = jnp.asarray(np.geomspace(0.04, 2.0, h), jnp.float32)
 
-  runs = [("1 device", shd.make_mesh({"data": 1}, devices=devs[:1]), P())]
+  runs = [("1 device", shd.make_mesh({"data": 1}, devices=devs[:1]), P(), "ring")]
   for name in (x for x in args.layouts.split(",") if x):
     if name not in LAYOUTS:
       raise SystemExit(f"unknown layout {name!r}; expected some of {sorted(LAYOUTS)}")
-    runs.append((f"{n} devices, {name}", shd.make_mesh({name: n}, devices=devs), LAYOUTS[name]))
+    axis, spec, schedule = LAYOUTS[name]
+    runs.append((f"{n} devices, {name}", shd.make_mesh({axis: n}, devices=devs), spec,
+                 schedule))
   live = []
-  for label, mesh, spec in runs:
-    fn = step_fn(mesh, t, args.implementation)
+  for label, mesh, spec, schedule in runs:
+    fn = step_fn(mesh, t, args.implementation, schedule, args.causal)
     call_args = tuple(jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)) + (
         jax.device_put(sigma, NamedSharding(mesh, P())),)
     for _ in range(3):
@@ -84,10 +93,10 @@ def main(argv=None):
     for label, fn, call_args, inner in order.sample(live, len(live)):
       samples[label].append(sample(fn, call_args, inner))
   ms = {label: statistics.median(x) * 1e3 for label, x in samples.items()}
-  flops = 3.5 * 4.0 * b * h * s * s * d
+  flops = 3.5 * 4.0 * b * h * s * s * d * (0.5 if args.causal else 1.0)
   header = (f"Device: {n} × {devs[0].device_kind}; jax {jax.__version__}; "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; bf16 "
-            f"B{b} N{s} H{h} D{d}, fwd+bwd; median of {args.reps}; command: "
+            f"B{b} N{s} H{h} D{d}{', causal' if args.causal else ''}, fwd+bwd; median of {args.reps}; command: "
             f"`python benchmarks/attention_sharded.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`")
   lines = [header, "", "| layout | fwd+bwd ms | TF/s (all devices) | speedup over 1 device |",

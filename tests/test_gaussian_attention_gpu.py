@@ -97,13 +97,21 @@ def _rel(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-def _run(case, seed=0, **extra):
+def _run(case, seed=0, read_lse=False, **extra):
+  """Relative errors of out and the four gradients; `read_lse`: the loss also reads lse."""
   q, k, v, tq, tk, sigma, do, mask, seg = _inputs(case, seed)
   mask = dict(mask, **extra)
+  dlse = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(
+      (q.shape[0], q.shape[2], q.shape[1])), F32)
 
   def loss(impl, q, k, v, sigma):
-    out = api.gaussian_attention(q, k, v, tq, tk, sigma, implementation=impl, **mask, **seg)
-    return jnp.sum(out.astype(F32) * do.astype(F32)), out
+    if not read_lse:
+      out = api.gaussian_attention(q, k, v, tq, tk, sigma, implementation=impl, **mask, **seg)
+      return jnp.sum(out.astype(F32) * do.astype(F32)), out
+    out, lse = api.gaussian_attention(q, k, v, tq, tk, sigma, implementation=impl,
+                                      return_lse=True, **mask, **seg)
+    read = jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * dlse)
+    return jnp.sum(out.astype(F32) * do.astype(F32)) + read, out
 
   with jax.default_matmul_precision("highest"):
     up = lambda x: x.astype(F32)
@@ -121,6 +129,16 @@ def _run(case, seed=0, **extra):
 def test_matches_reference(case):
   errs = _run(case, seed=zlib.crc32(case.encode()) % 1000)
   print(case, {k: f"{v:.2e}" for k, v in errs.items()})
+  assert errs["out"] < 1e-2, errs
+  for name in ("dq", "dk", "dv", "dsigma"):
+    assert errs[name] < 2.5e-2, (name, errs)
+
+
+@pytest.mark.parametrize("case", ["segments_padding", "causal_gqa_odd_d64", "dense_n1024_d128"])
+def test_lse_cotangent_matches_reference(case):
+  """`return_lse=True` under differentiation: the lse cotangent's share of dq, dk and dσ."""
+  errs = _run(case, seed=zlib.crc32(case.encode()) % 1000 + 1, read_lse=True)
+  print(case, "read_lse", {k: f"{v:.2e}" for k, v in errs.items()})
   assert errs["out"] < 1e-2, errs
   for name in ("dq", "dk", "dv", "dsigma"):
     assert errs[name] < 2.5e-2, (name, errs)
@@ -241,10 +259,12 @@ def test_deterministic(case):
       np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
-@pytest.mark.parametrize("axis", ["data", "context", "tensor"])
-def test_sharded_matches_one_gpu(axis):
+@pytest.mark.parametrize("axis,schedule", [("data", "ring"), ("context", "ring"),
+                                           ("context", "all_gather"), ("tensor", "ring")])
+def test_sharded_matches_one_gpu(axis, schedule):
   """The kernels under `sharded_gaussian_attention` on two GPUs (batch, sequence with K/V
-  all-gathered, or heads split) give what one GPU gives, forward and all four gradients."""
+  passed round the ring or all-gathered, or heads split) give what one GPU gives, forward and
+  all four gradients."""
   from avatar_jax import sharding as shd
   from avatar_jax.kernels.gaussian_attention import sharded
   gpus = jax.devices("gpu")
@@ -256,7 +276,8 @@ def test_sharded_matches_one_gpu(axis):
   def grads(mesh):
     def f(q, k, v, sigma):
       o = sharded.sharded_gaussian_attention(q, k, v, tq, tk, sigma, mesh=mesh,
-                                             implementation="pallas_gpu", **mask, **seg)
+                                             implementation="pallas_gpu",
+                                             context_schedule=schedule, **mask, **seg)
       return jnp.sum(o.astype(F32) * do.astype(F32)), o
     (_, o), g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(
         q, k, v, sigma)
@@ -265,7 +286,7 @@ def test_sharded_matches_one_gpu(axis):
   one = grads(shd.make_mesh({"data": 1}, devices=gpus[:1]))
   two = grads(shd.make_mesh({axis: 2}, devices=gpus[:2]))
   errs = {n: _rel(a, r) for n, a, r in zip(("out", "dq", "dk", "dv", "dsigma"), two, one)}
-  print(axis, {n: f"{e:.1e}" for n, e in errs.items()})
+  print(axis, schedule, {n: f"{e:.1e}" for n, e in errs.items()})
   assert all(e < 2e-3 for e in errs.values()), errs
   assert np.abs(one[0]).max() > 0.1  # not all-zero outputs
 

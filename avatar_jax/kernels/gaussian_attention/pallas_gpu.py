@@ -95,7 +95,7 @@ _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240
                        free=1, free_bwd=0, kvec_early=1, q_regs=1, affine_k=1, l_mma=1,
                        cse=1,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
-                       num_stages_bwd=2)
+                       num_stages_bwd=2, sm_margin=0)
 _SWITCHES = ("sched", "free", "free_bwd", "kvec_early", "q_regs", "affine_k", "l_mma",
              "cse")  # 0 or 1
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
@@ -587,20 +587,25 @@ def _apply_mask(s, rows_q, rows_k, spec):
 # ----------------------------------------------------------------------------------------------
 
 
-def _num_ctas(n_items, interpret):
-  """CTAs of the persistent forward: one per multiprocessor (2 in the interpreter)."""
+def _num_ctas(n_items, interpret, sm_margin=0):
+  """CTAs of the persistent forward: one per multiprocessor (2 in the interpreter).
+
+  sm_margin leaves that many multiprocessors free: a collective running concurrently (the
+  context ring's transfer) needs a few, and a kernel holding all of them delays it until the
+  kernel ends.
+  """
   if interpret:
     return max(1, min(2, n_items))
   try:
     sms = int(jax.devices()[0].core_count)
   except Exception:  # pylint: disable=broad-except
     sms = 132
-  return max(1, min(sms, n_items))
+  return max(1, min(sms - sm_margin, n_items))
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
               block_q, block_kv, num_stages, head_codes, interpret, sched, regs, free,
-              kvec_early, q_regs, l_mma=0):
+              kvec_early, q_regs, l_mma=0, sm_margin=0):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
   Item i = tile + n_tiles·(h + H·b): the CTAs running at the same time cover few heads, so
@@ -630,7 +635,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
   tile_q = 2 * block_q
   n_tiles = qvec.shape[-1] // tile_q  # the vectors are padded to whole tiles, q need not be
   n_items = h * n_tiles * b
-  n_ctas = _num_ctas(n_items, interpret)
+  n_ctas = _num_ctas(n_items, interpret, sm_margin)
   dtype = q.dtype
   stages = num_stages
   row_l = plgpu.Layout.WGMMA.reduce(1)
@@ -1221,6 +1226,8 @@ def _blocks(block_sizes, head_dim, interpret=False):
       raise ValueError(f"pallas_gpu {name}={val} must be a multiple of 8 in [200, 240]")
     if name.startswith("num_stages") and val < 1:
       raise ValueError(f"pallas_gpu {name}={val} must be >= 1")
+    if name == "sm_margin" and not 0 <= val < 128:
+      raise ValueError(f"pallas_gpu sm_margin={val} must be in [0, 128)")
   # Two ring operands per kernel, one hardware barrier per operand and slot.
   max_stages = (16 - _FREE_BAR) // 2
   for free, stages in (("free", "num_stages"), ("free_bwd", "num_stages_bwd")):
@@ -1265,7 +1272,8 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
                         head_codes=order.shape[1] > 1, interpret=interpret, sched=cfg["sched"],
                         regs=cfg["regs"], free=cfg["free"], kvec_early=cfg["kvec_early"],
-                        q_regs=cfg["q_regs"], l_mma=cfg["l_mma"] and not exact_lse)
+                        q_regs=cfg["q_regs"], l_mma=cfg["l_mma"] and not exact_lse,
+                        sm_margin=cfg["sm_margin"])
   out = out[:, :prep.nq]
   lse = lse2[:, :, :prep.nq] * LN2
   return out, lse

@@ -8,10 +8,13 @@ reach the queries:
 
   * ``"ring"`` (default): n steps; at step s each device attends its queries to the K/V slice
     of device (i − s) mod n while `ppermute` passes that slice on to the next device, so the
-    transfer of step s + 1 runs under the kernels of step s. Each step returns (out, lse)
-    (`return_lse=True`) and the steps merge exactly by their lse; the backward is the steps'
-    own backward (the lse cotangent goes into dS), and dK/dV travel the ring back to their
-    owner. Extra memory: one K/V slice in flight.
+    transfer of step s + 1 runs under the kernels of step s (key times and segment ids, which
+    are small, are all-gathered once). Each step returns (out, lse)
+    (`return_lse=True`) and the steps merge exactly by their lse; the backward runs the steps'
+    own backward in reverse order (the lse cotangent goes into dS) while the dK/dV of the
+    previous one travel the ring back to their owner. Extra memory: one K/V slice in flight
+    for inference; under differentiation each step keeps its slice for the backward (as much
+    as the all-gather).
   * ``"all_gather"``: K, V, key times and key segment ids are all-gathered over `context`
     (the backward of the all-gather is a reduce-scatter, so dK/dV come back sharded); one full
     copy of K/V per device, and the kernels wait for the whole gather.
@@ -29,11 +32,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from avatar_jax.kernels.gaussian_attention import api
 
 CONTEXT_SCHEDULES = ("ring", "all_gather")
+# Multiprocessors the persistent GPU forward leaves free under the ring, for the transfer's
+# communication kernel: with all of them busy the transfer waits for the forward to end.
+# 2 × H200, B8 N4096 (docs/benchmarks.md): forward 1.66 ms with 0, 4 or 8 free, 1.34 with 16.
+RING_SM_MARGIN = 16
 
 
 def _present(mesh, axes):
@@ -137,25 +145,59 @@ def sharded_gaussian_attention(q, k, v, t_q, t_k, sigma, *, mesh=None,
 def _ring(q, k, v, t_q, t_k, sigma, q_seg, kv_seg, *, axis, n, **kwargs):
   """Inside the map: the local queries against all n K/V slices, passed round the ring.
 
-  Step s attends to device (i − s) mod n's slice and merges by lse in float32 (online
-  softmax over slices): out = Σ_s w_s·out_s / Σ_s w_s, w_s = exp(lse_s − m), m a running
-  max held constant for autodiff (the ratio does not depend on it).
+  K and V travel stacked as one buffer, so each step is one collective-permute (XLA's GPU
+  scheduler overlaps a bounded number of collectives with compute, by default one). Key times
+  and segment ids (tiny, no cotangent) are all-gathered once instead.
   """
+  impl = api.resolve_implementation(kwargs.get("implementation", "auto"), q.shape[0],
+                                    q.shape[2], q.shape[1], k.shape[1], q.shape[3], q.dtype)
+  if impl == "pallas_gpu":
+    kwargs.setdefault("sm_margin", RING_SM_MARGIN)
+  gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
+  t_k_all = gather(t_k)
+  seg_all = None if kv_seg is None else gather(kv_seg)
+  cfg = (axis, n, tuple(sorted(kwargs.items())))
+  return _ring_attention(cfg, q, jnp.stack([k, v]), sigma, t_q, t_k_all, q_seg, seg_all)
+
+
+def _ring_step(cfg, s, t_q, t_k_all, q_seg, seg_all):
+  """(q, kv [2, B, Nk, Hkv, D], σ) → (out, lse) of step s: keys of device (i − s) mod n."""
+  axis, n, kwargs = cfg
+  nk = t_k_all.shape[1] // n
+  start = ((jax.lax.axis_index(axis) - s) % n) * nk  # the slice's place in the gathered axis
+  t_k = jax.lax.dynamic_slice_in_dim(t_k_all, start, nk, axis=1)
+  seg = None if seg_all is None else jax.lax.dynamic_slice_in_dim(seg_all, start, nk, 1)
+
+  def step(q, kv, sigma):
+    return api.gaussian_attention(q, kv[0], kv[1], t_q, t_k, sigma, q_segment_ids=q_seg,
+                                  kv_segment_ids=seg, return_lse=True, **dict(kwargs))
+  return step
+
+
+def _ring_forward(cfg, q, kv, sigma, t_q, t_k_all, q_seg, seg_all, keep_vjps):
+  """The n steps, merged by lse in float32 (online softmax over slices).
+
+  Returns out [B, Nq, H, D] float32, lse [B, Nq, H, 1] and per step (out_s, lse_s, vjp_s)
+  when `keep_vjps` (the backward needs each step's residuals, so the slices stay alive).
+  """
+  axis, n, _ = cfg
   perm = [(i, (i + 1) % n) for i in range(n)]
-  kv = (k, v, t_k, kv_seg)
   b, nq, h, d = q.shape
   o_acc = jnp.zeros((b, nq, h, d), jnp.float32)
   l_acc = jnp.zeros((b, nq, h, 1), jnp.float32)
   m = jnp.full((b, nq, h, 1), -jnp.inf, jnp.float32)
-  for step in range(n):
+  steps = []
+  for s in range(n):
     # Issued before this step's kernels, so the transfer overlaps them.
-    nxt = (None if step == n - 1 else
-           tuple(None if x is None else jax.lax.ppermute(x, axis, perm) for x in kv))
-    k, v, t_k, kv_seg = kv
-    out, lse = api.gaussian_attention(q, k, v, t_q, t_k, sigma, q_segment_ids=q_seg,
-                                      kv_segment_ids=kv_seg, return_lse=True, **kwargs)
+    nxt = None if s == n - 1 else jax.lax.ppermute(kv, axis, perm)
+    f = _ring_step(cfg, s, t_q, t_k_all, q_seg, seg_all)
+    if keep_vjps:
+      (out, lse), vjp = jax.vjp(f, q, kv, sigma)
+    else:
+      (out, lse), vjp = f(q, kv, sigma), None
     lse = jnp.swapaxes(lse, 1, 2)[..., None]  # [B, Nq, H, 1]
-    m_new = jax.lax.stop_gradient(jnp.maximum(m, lse))
+    steps.append((out, lse, vjp))
+    m_new = jnp.maximum(m, lse)
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
     alpha = jnp.exp(m - m_safe)
     w = jnp.exp(lse - m_safe)
@@ -163,7 +205,66 @@ def _ring(q, k, v, t_q, t_k, sigma, q_seg, kv_seg, *, axis, n, **kwargs):
     l_acc = alpha * l_acc + w
     m = m_new
     kv = nxt
-  return (o_acc / jnp.where(l_acc > 0, l_acc, 1.0)).astype(q.dtype)
+  nonempty = l_acc > 0
+  out = o_acc / jnp.where(nonempty, l_acc, 1.0)
+  lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l_acc, 1.0)), -jnp.inf)
+  return out, lse, steps
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(cfg, q, kv, sigma, t_q, t_k_all, q_seg, seg_all):
+  out, _, _ = _ring_forward(cfg, q, kv, sigma, t_q, t_k_all, q_seg, seg_all, keep_vjps=False)
+  return out.astype(q.dtype)
+
+
+def _ring_attention_fwd(cfg, q, kv, sigma, t_q, t_k_all, q_seg, seg_all):
+  out, lse, steps = _ring_forward(cfg, q, kv, sigma, t_q, t_k_all, q_seg, seg_all,
+                                  keep_vjps=True)
+  res = (out, lse, steps, q, kv, sigma, t_q, t_k_all, q_seg, seg_all)
+  return out.astype(q.dtype), res
+
+
+def _ring_attention_bwd(cfg, res, dout):
+  """Steps in reverse; each step's dK/dV joins the accumulator travelling back to its owner.
+
+  The merge's VJP gives step s dout_s = a_s·dout and dlse_s = a_s·Σ_d dout·(out_s − out),
+  a_s = exp(lse_s − lse). The accumulator passes through an optimization barrier together
+  with step s's cotangents, so step s's kernels cannot start before step s + 1's dK/dV exist,
+  and the transfer of those runs under step s's kernels instead of after all of them.
+  """
+  axis, n, _ = cfg
+  out, lse, steps, q, kv, sigma, t_q, t_k_all, q_seg, seg_all = res
+  back = [(i, (i - 1) % n) for i in range(n)]
+  dout = dout.astype(jnp.float32)
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  dq = jnp.zeros(q.shape, jnp.float32)
+  dsigma = jnp.zeros(sigma.shape, jnp.float32)
+  acc = None
+  for s in reversed(range(n)):
+    out_s, lse_s, vjp = steps[s]
+    a = jnp.where(jnp.isfinite(lse_s), jnp.exp(lse_s - lse_safe), 0.0)  # [B, Nq, H, 1]
+    do_s = (a * dout).astype(out_s.dtype)
+    dlse_s = jnp.swapaxes(jnp.sum(a * dout * (out_s.astype(jnp.float32) - out), -1), 1, 2)
+    sent = None
+    if acc is not None:
+      acc, do_s, dlse_s = jax.lax.optimization_barrier((acc, do_s, dlse_s))
+      sent = jax.lax.ppermute(acc, axis, back)
+    dq_s, dkv_s, dsig_s = vjp((do_s, dlse_s))
+    dq = dq + dq_s.astype(jnp.float32)
+    dsigma = dsigma + dsig_s.astype(jnp.float32)
+    acc = dkv_s if sent is None else (sent.astype(jnp.float32) + dkv_s).astype(kv.dtype)
+  # shard_map sums dσ over the devices after this returns. Tied to the last transfer, that
+  # reduction starts after it: XLA's GPU scheduler overlaps one collective at a time, and it
+  # would otherwise hold the reduction in flight and run the transfer unoverlapped.
+  dsigma, acc = jax.lax.optimization_barrier((dsigma, acc))
+  zeros = lambda x: None if x is None else (
+      jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating)
+      else np.zeros(x.shape, jax.dtypes.float0))
+  return (dq.astype(q.dtype), acc, dsigma.astype(sigma.dtype), zeros(t_q), zeros(t_k_all),
+          zeros(q_seg), zeros(seg_all))
+
+
+_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 
 
 def _explicit(mesh) -> bool:
