@@ -244,14 +244,7 @@ def _attention_bwd(static, res, cts):
   dout, dlse = cts if static.with_lse else (cts, None)
   dq, dk, dv, dsigma = _backend_module(static.impl).backward(
       q, k, v, t_q, t_k, sigma, out, lse, dout, dlse=dlse, **_kwargs(static, q_seg, kv_seg))
-
-  def zero(x):
-    if x is None:
-      return None
-    if jnp.issubdtype(x.dtype, jnp.floating):
-      return jnp.zeros_like(x)
-    return np.zeros(x.shape, jax.dtypes.float0)
-
+  zero = common.zero_cotangent
   return (dq, dk, dv, zero(t_q), zero(t_k), dsigma.astype(sigma.dtype), zero(q_seg),
           zero(kv_seg))
 

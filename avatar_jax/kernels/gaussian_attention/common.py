@@ -138,6 +138,16 @@ def dsigma_from_partial(partial, sigma):
   return jnp.where(clamped | jnp.isinf(sigma), 0.0, 2.0 * partial / sigma)
 
 
+def zero_cotangent(x):
+  """The cotangent of a non-differentiated custom_vjp input (times, segment ids): zeros, float0
+  for integer arrays, None for None."""
+  if x is None:
+    return None
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
 def dsigma_shift(lse):
   """Per-row shift for the σ-gradient sum: lse where finite, else 0 (empty / padded rows)."""
   return jnp.where(jnp.isfinite(lse), lse, 0.0)

@@ -32,10 +32,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from avatar_jax.kernels.gaussian_attention import api
+from avatar_jax.kernels.gaussian_attention import api, common
 
 CONTEXT_SCHEDULES = ("ring", "all_gather")
 # Multiprocessors the persistent GPU forward leaves free under the ring, for the transfer's
@@ -122,7 +121,7 @@ def sharded_gaussian_attention(q, k, v, t_q, t_k, sigma, *, mesh=None,
     if n_ctx > 1 and context_schedule == "ring":
       return _ring(q, k, v, t_q, t_k, sigma, q_seg, kv_seg, axis=ctx, n=n_ctx, **kwargs)
     if n_ctx > 1:
-      all_gather = functools.partial(jax.lax.all_gather, axis_name=ctx, axis=1, tiled=True)
+      all_gather = _sequence_gather(ctx)
       k, v, t_k = all_gather(k), all_gather(v), all_gather(t_k)
       if kv_seg is not None:
         kv_seg = all_gather(kv_seg)
@@ -142,6 +141,11 @@ def sharded_gaussian_attention(q, k, v, t_q, t_k, sigma, *, mesh=None,
   return fn(*args)
 
 
+def _sequence_gather(axis):
+  """All-gather over `axis` along the sequence axis (1) of [B, N, ...] arrays."""
+  return functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
+
+
 def _ring(q, k, v, t_q, t_k, sigma, q_seg, kv_seg, *, axis, n, **kwargs):
   """Inside the map: the local queries against all n K/V slices, passed round the ring.
 
@@ -153,7 +157,7 @@ def _ring(q, k, v, t_q, t_k, sigma, q_seg, kv_seg, *, axis, n, **kwargs):
                                     q.shape[2], q.shape[1], k.shape[1], q.shape[3], q.dtype)
   if impl == "pallas_gpu":
     kwargs.setdefault("sm_margin", RING_SM_MARGIN)
-  gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
+  gather = _sequence_gather(axis)
   t_k_all = gather(t_k)
   seg_all = None if kv_seg is None else gather(kv_seg)
   cfg = (axis, n, tuple(sorted(kwargs.items())))
@@ -257,11 +261,9 @@ def _ring_attention_bwd(cfg, res, dout):
   # reduction starts after it: XLA's GPU scheduler overlaps one collective at a time, and it
   # would otherwise hold the reduction in flight and run the transfer unoverlapped.
   dsigma, acc = jax.lax.optimization_barrier((dsigma, acc))
-  zeros = lambda x: None if x is None else (
-      jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating)
-      else np.zeros(x.shape, jax.dtypes.float0))
-  return (dq.astype(q.dtype), acc, dsigma.astype(sigma.dtype), zeros(t_q), zeros(t_k_all),
-          zeros(q_seg), zeros(seg_all))
+  zero = common.zero_cotangent
+  return (dq.astype(q.dtype), acc, dsigma.astype(sigma.dtype), zero(t_q), zero(t_k_all),
+          zero(q_seg), zero(seg_all))
 
 
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
