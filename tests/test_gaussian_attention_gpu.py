@@ -1,15 +1,16 @@
-"""Gaussian attention, Pallas Mosaic-GPU backend, on a real Hopper GPU (skipped without one).
+"""Gaussian attention, Pallas Mosaic-GPU backend, on a real Hopper GPU.
 
-Run on a GPU machine:
-  JAX_PLATFORMS=cuda pytest tests/test_gaussian_attention_gpu.py -x -q
+Run on a GPU machine (tests/conftest.py pins JAX to the CPU unless JAX_PLATFORMS is set):
+  JAX_PLATFORMS=cuda pytest tests/test_gaussian_attention_gpu.py -q
 
-Every case draws fresh random inputs and compares the kernel's output, lse and all four
-gradients (dq, dk, dv, dσ) against the materialising XLA reference evaluated in float32 on
-upcast inputs (HIGHEST matmul precision). Tolerances are relative Frobenius errors at the level
-bf16/fp16 operands give (METHOD.md: 1e-3..1e-2).
+The matrix (`test_gradients_match_float64`) draws fresh random shapes and inputs on every run:
+lengths that are not tile multiples, Nq ≠ Nk, grouped heads, head dim 64/128, bf16 and fp16,
+times on different grids, times under every segment-id and mask form. The run's seed is
+printed; `GAUSSIAN_GPU_SEED=<seed>` replays it. The output and all four gradients (dq, dk, dv,
+dσ) are compared with a float64 NumPy forward + VJP on the same (rounded) inputs.
 """
 import os
-import zlib
+import secrets
 
 import numpy as np
 import pytest
@@ -17,77 +18,120 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from avatar_jax.kernels.gaussian_attention import api, common, reference
+from avatar_jax.kernels.gaussian_attention import api, common
 
 
-def _has_hopper():
-  try:
-    devs = jax.devices("gpu")
-  except RuntimeError:
-    return False
-  return bool(devs) and getattr(devs[0], "compute_capability", "0") >= "9.0"
+def _skip_reason():
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return (f"needs a Hopper GPU through JAX_PLATFORMS=cuda (jax runs on {backend!r}; "
+            "tests/conftest.py selects the CPU unless JAX_PLATFORMS is set)")
+  cap = getattr(jax.devices()[0], "compute_capability", "0")
+  if cap < "9.0":
+    return f"needs a Hopper (sm_90) GPU, found compute capability {cap}"
+  return None
 
 
-pytestmark = pytest.mark.skipif(not _has_hopper(), reason="needs a Hopper (sm_90) GPU")
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 
 F32 = jnp.float32
+SEED = int(os.environ.get("GAUSSIAN_GPU_SEED", secrets.randbelow(2**31)))
+print(f"\n[test_gaussian_attention_gpu] GAUSSIAN_GPU_SEED={SEED}")
+
+# Segment-id and mask forms of the matrix.
+FORMS = ("none", "kv_zero", "kv_pad", "q_kv_segments", "causal_pad", "block_causal_pad",
+         "window_pad_fp16")
+TOL = 2e-2
 
 
-def _times(rng, b, n, fps, kind):
-  if kind == "grid":
-    t = np.arange(n) / fps
-    return np.broadcast_to(t, (b, n)).astype(np.float32) + rng.uniform(0, 0.01, (b, 1)).astype(np.float32)
-  if kind == "jitter":  # sorted, irregular
-    return np.sort(rng.uniform(0, n / fps, (b, n)), axis=1).astype(np.float32)
-  return rng.uniform(0, n / fps, (b, n)).astype(np.float32)  # unsorted
+def _draw(form, seed):
+  """A random problem of `form`: (arrays, api kwargs, description)."""
+  rng = np.random.default_rng([seed, FORMS.index(form)])
+  b = int(rng.integers(1, 3))
+  h = int(rng.choice([2, 4, 8]))
+  hkv = int(rng.choice([x for x in (h, h // 2, h // 4) if x >= 1]))
+  d = int(rng.choice([64, 128]))
+  dtype = jnp.float16 if form.endswith("fp16") or rng.random() < 0.3 else jnp.bfloat16
+  nq = int(rng.integers(100, 700)) | 1  # odd: never a tile multiple
+  nk = int(rng.integers(60, 500)) | 1
+  fq, fk = float(rng.choice([25.0, 50.0, 100.0])), float(rng.choice([12.5, 25.0, 50.0]))
+  tq = (np.arange(nq) / fq)[None].repeat(b, 0) + rng.uniform(0, 0.02, (b, 1))
+  tk = (np.arange(nk) / fk)[None].repeat(b, 0) + rng.uniform(0, 0.02, (b, 1))
+  sigma = np.geomspace(0.04, 2.0, h)
+  if h >= 4:
+    sigma[-1] = np.inf
+  kw = {}
+  lengths = rng.integers(nk // 2, nk + 1, b)
+  pad = (np.arange(nk)[None] >= lengths[:, None])
+  if form == "kv_zero":
+    kw["kv_segment_ids"] = np.zeros((b, nk), np.int32)
+  elif form in ("kv_pad", "causal_pad", "block_causal_pad", "window_pad_fp16"):
+    kw["kv_segment_ids"] = np.where(pad, -1, 0).astype(np.int32)
+  elif form == "q_kv_segments":  # packed segments in order, with key padding
+    qs = np.sort(rng.integers(0, 3, (b, nq)), axis=1).astype(np.int32)
+    ks = np.sort(rng.integers(0, 3, (b, nk)), axis=1).astype(np.int32)
+    kw["q_segment_ids"], kw["kv_segment_ids"] = qs, np.where(pad, -1, ks).astype(np.int32)
+  if form == "causal_pad":
+    kw["causal"] = True
+  elif form == "block_causal_pad":
+    kw.update(causal_block=float(rng.choice([0.16, 0.32, 0.5])),
+              lookahead_blocks=int(rng.integers(0, 3)))
+  elif form == "window_pad_fp16":
+    kw["window"] = float(rng.choice([0.3, 1.0]))
+  q = rng.standard_normal((b, nq, h, d))
+  k, v = (rng.standard_normal((b, nk, hkv, d)) for _ in range(2))
+  do = rng.standard_normal((b, nq, h, d))
+  arrays = dict(q=q, k=k, v=v, do=do, tq=tq.astype(np.float32), tk=tk.astype(np.float32),
+                sigma=sigma.astype(np.float32))
+  desc = (f"{form}: B{b} Nq{nq} Nk{nk} H{h}/{hkv} D{d} {jnp.dtype(dtype).name} "
+          f"fps {fq:g}/{fk:g} {sorted(kw)}")
+  return arrays, dtype, kw, desc
 
 
-CASES = {
-    # name: (B, Nq, Nk, H, Hkv, D, dtype, mask kwargs, time kinds (q, k), fps (q, k), sigma)
-    "dense_d128": (2, 256, 384, 4, 4, 128, jnp.bfloat16, {}, ("grid", "grid"), (25, 25),
-                   [0.04, 0.2, 1.0, np.inf]),
-    "causal_gqa_odd_d64": (1, 300, 200, 4, 2, 64, jnp.float16, dict(causal=True),
-                           ("grid", "grid"), (25, 50 / 3), [0.08, 0.3, 2.0, np.inf]),
-    "block_causal_lookahead": (2, 260, 260, 2, 1, 128, jnp.bfloat16,
-                               dict(causal_block=0.32, lookahead_blocks=1), ("grid", "grid"),
-                               (25, 25), [0.1, 0.5]),
-    "window_jitter": (1, 333, 257, 2, 2, 64, jnp.bfloat16, dict(window=0.4),
-                      ("jitter", "jitter"), (25, 20), [0.2, np.inf]),
-    "segments_padding": (2, 192, 320, 2, 1, 128, jnp.bfloat16, dict(segments=True),
-                         ("grid", "grid"), (25, 25), [0.3, 0.9]),
-    "causal_unsorted": (1, 200, 180, 2, 2, 64, jnp.bfloat16, dict(causal=True),
-                        ("random", "random"), (25, 25), [0.5, 1.5]),
-    "cross_video_audio": (2, 528, 66, 4, 4, 64, jnp.bfloat16, {}, ("grid", "grid"),
-                          (25, 25 / 8), [0.08, 0.16, 0.64, np.inf]),
-    # Many CTAs per head in both backward kernels.
-    "dense_n1024_d128": (2, 1024, 1024, 4, 4, 128, jnp.bfloat16, {}, ("grid", "grid"),
-                         (25, 25), [0.04, 0.2, 1.0, np.inf]),
-    "causal_window_batch1_d128": (1, 640, 640, 2, 2, 128, jnp.bfloat16,
-                                  dict(causal=True, window=2.0), ("grid", "grid"), (25, 25),
-                                  [0.08, 0.4]),
-}
-
-
-def _inputs(case, seed):
-  b, nq, nk, h, hkv, d, dtype, mask, kinds, fps, sigma = CASES[case]
-  rng = np.random.default_rng(seed)
-  q = rng.standard_normal((b, nq, h, d)).astype(np.float32)
-  k = rng.standard_normal((b, nk, hkv, d)).astype(np.float32)
-  v = rng.standard_normal((b, nk, hkv, d)).astype(np.float32)
-  do = rng.standard_normal((b, nq, h, d)).astype(np.float32)
-  tq = _times(rng, b, nq, fps[0], kinds[0])
-  tk = _times(rng, b, nk, fps[1], kinds[1])
-  mask = dict(mask)
-  seg = {}
-  if mask.pop("segments", False):
-    # Two packed segments per row plus key padding; one query segment id has no keys at all.
-    qs = (np.arange(nq)[None] * 3 // nq).repeat(b, 0).astype(np.int32)
-    ks = (np.arange(nk)[None] * 2 // nk).repeat(b, 0).astype(np.int32)
-    ks[:, -37:] = -1
-    seg = dict(q_segment_ids=jnp.asarray(qs), kv_segment_ids=jnp.asarray(ks))
-  cast = lambda x: jnp.asarray(x, dtype)
-  return (cast(q), cast(k), cast(v), jnp.asarray(tq), jnp.asarray(tk),
-          jnp.asarray(sigma, F32), cast(do), mask, seg)
+def _reference(arrays, kw, dlse=None):
+  """float64 NumPy forward and VJP: out, dq, dk, dv, dσ (and lse) of sum(out·do) [+ Σ lse·dlse]."""
+  q, k, v, do = (np.asarray(arrays[n], np.float64) for n in ("q", "k", "v", "do"))
+  tq, tk = (np.asarray(arrays[n], np.float64) for n in ("tq", "tk"))
+  sigma = np.asarray(arrays["sigma"], np.float64)
+  b, nq, h, d = q.shape
+  rep = h // k.shape[2]
+  kk, vv = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+  spec = common.MaskSpec(causal=kw.get("causal", False), causal_block=kw.get("causal_block"),
+                         lookahead_blocks=kw.get("lookahead_blocks", 0),
+                         window=kw.get("window"))
+  qs, ks = common.normalise_segment_ids(kw.get("q_segment_ids"), kw.get("kv_segment_ids"),
+                                        b, nq, k.shape[1])
+  vis = np.asarray(common.visible(spec, arrays["tq"][:, :, None], arrays["tk"][:, None, :],
+                                  np.asarray(qs)[:, :, None], np.asarray(ks)[:, None, :]))
+  vis = vis[:, None]  # [B, 1, Nq, Nk]
+  inv = np.where(np.isinf(sigma), 0.0, 0.5 / sigma ** 2)
+  dt2 = (tq[:, :, None] - tk[:, None, :])[:, None] ** 2  # [B, 1, Nq, Nk]
+  scale = d ** -0.5
+  s = np.einsum("bqhd,bkhd->bhqk", q, kk) * scale - dt2 * inv[None, :, None, None]
+  s = np.where(vis, s, -np.inf)
+  m = np.max(s, axis=-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  e = np.where(vis, np.exp(s - m), 0.0)
+  l = e.sum(-1, keepdims=True)
+  p = e / np.where(l > 0, l, 1.0)
+  lse = np.where(l[..., 0] > 0, m[..., 0] + np.log(np.where(l[..., 0] > 0, l[..., 0], 1.0)),
+                 -np.inf)
+  out = np.einsum("bhqk,bkhd->bqhd", p, vv)
+  dp = np.einsum("bqhd,bkhd->bhqk", do, vv)
+  delta = np.einsum("bqhd,bqhd->bhq", do, out)
+  if dlse is not None:
+    delta = delta - np.where(np.isfinite(lse), dlse, 0.0)
+  ds = p * (dp - delta[..., None])
+  dq = np.einsum("bhqk,bkhd->bqhd", ds, kk) * scale
+  dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+  dv = np.einsum("bhqk,bqhd->bkhd", p, do)
+  dk = dk.reshape(b, -1, h // rep, rep, d).sum(3)
+  dv = dv.reshape(b, -1, h // rep, rep, d).sum(3)
+  # d(−dt²/(2σ²))/dσ = dt²/σ³ = 2·pen/σ
+  pen = dt2 * inv[None, :, None, None]
+  dsigma = np.where(np.isinf(sigma), 0.0,
+                    2.0 * np.einsum("bhqk,bhqk->h", ds, np.broadcast_to(pen, ds.shape)) / sigma)
+  return dict(out=out, dq=dq, dk=dk, dv=dv, dsigma=dsigma, lse=lse)
 
 
 def _rel(a, b):
@@ -97,51 +141,81 @@ def _rel(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-def _run(case, seed=0, read_lse=False, **extra):
-  """Relative errors of out and the four gradients; `read_lse`: the loss also reads lse."""
-  q, k, v, tq, tk, sigma, do, mask, seg = _inputs(case, seed)
-  mask = dict(mask, **extra)
-  dlse = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(
-      (q.shape[0], q.shape[2], q.shape[1])), F32)
+def _kernel_grads(arrays, dtype, kw, dlse=None):
+  """The pallas_gpu output and gradients of sum(out·do) [+ Σ lse·dlse], on inputs of `dtype`."""
+  cast = lambda x: jnp.asarray(x, dtype)
+  q, k, v, do = (cast(arrays[n]) for n in ("q", "k", "v", "do"))
+  tq, tk, sigma = (jnp.asarray(arrays[n]) for n in ("tq", "tk", "sigma"))
+  kwj = {n: jnp.asarray(x) if isinstance(x, np.ndarray) else x for n, x in kw.items()}
 
-  def loss(impl, q, k, v, sigma):
-    if not read_lse:
-      out = api.gaussian_attention(q, k, v, tq, tk, sigma, implementation=impl, **mask, **seg)
+  def loss(q, k, v, sigma):
+    if dlse is None:
+      out = api.gaussian_attention(q, k, v, tq, tk, sigma, implementation="pallas_gpu", **kwj)
       return jnp.sum(out.astype(F32) * do.astype(F32)), out
-    out, lse = api.gaussian_attention(q, k, v, tq, tk, sigma, implementation=impl,
-                                      return_lse=True, **mask, **seg)
+    out, lse = api.gaussian_attention(q, k, v, tq, tk, sigma, implementation="pallas_gpu",
+                                      return_lse=True, **kwj)
     read = jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * dlse)
     return jnp.sum(out.astype(F32) * do.astype(F32)) + read, out
 
-  with jax.default_matmul_precision("highest"):
-    up = lambda x: x.astype(F32)
-    (_, ref_out), ref_g = jax.jit(jax.value_and_grad(
-        lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3), has_aux=True))(
-            up(q), up(k), up(v), sigma)
-  (_, out), g = jax.jit(jax.value_and_grad(
-      lambda *a: loss("pallas_gpu", *a), argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, sigma)
-  errs = {"out": _rel(out, ref_out)}
-  errs.update({n: _rel(a, r) for n, a, r in zip(("dq", "dk", "dv", "dsigma"), g, ref_g)})
-  return errs
+  (_, out), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+      q, k, v, sigma)
+  rounded = {n: np.asarray(x.astype(F32)) for n, x in zip(("q", "k", "v", "do"), (q, k, v, do))}
+  return dict(out=out, dq=g[0], dk=g[1], dv=g[2], dsigma=g[3]), dict(arrays, **rounded)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_reference(case):
-  errs = _run(case, seed=zlib.crc32(case.encode()) % 1000)
-  print(case, {k: f"{v:.2e}" for k, v in errs.items()})
-  assert errs["out"] < 1e-2, errs
-  for name in ("dq", "dk", "dv", "dsigma"):
-    assert errs[name] < 2.5e-2, (name, errs)
+@pytest.mark.parametrize("form", FORMS)
+def test_gradients_match_float64(form):
+  arrays, dtype, kw, desc = _draw(form, SEED)
+  got, rounded = _kernel_grads(arrays, dtype, kw)
+  ref = _reference(rounded, kw)
+  errs = {n: _rel(got[n], ref[n]) for n in ("out", "dq", "dk", "dv", "dsigma")}
+  line = f"seed {SEED} {desc}: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items())
+  print(line)
+  assert all(e <= TOL for e in errs.values()), line
 
 
-@pytest.mark.parametrize("case", ["segments_padding", "causal_gqa_odd_d64", "dense_n1024_d128"])
-def test_lse_cotangent_matches_reference(case):
+@pytest.mark.parametrize("form", ["kv_pad", "q_kv_segments"])
+def test_lse_cotangent_matches_float64(form):
   """`return_lse=True` under differentiation: the lse cotangent's share of dq, dk and dσ."""
-  errs = _run(case, seed=zlib.crc32(case.encode()) % 1000 + 1, read_lse=True)
-  print(case, "read_lse", {k: f"{v:.2e}" for k, v in errs.items()})
-  assert errs["out"] < 1e-2, errs
-  for name in ("dq", "dk", "dv", "dsigma"):
-    assert errs[name] < 2.5e-2, (name, errs)
+  arrays, dtype, kw, desc = _draw(form, SEED + 1)
+  b, nq, h = arrays["q"].shape[:3]
+  dlse = np.random.default_rng(SEED).standard_normal((b, h, nq)).astype(np.float32)
+  got, rounded = _kernel_grads(arrays, dtype, kw, dlse=jnp.asarray(dlse))
+  ref = _reference(rounded, kw, dlse=dlse)
+  errs = {n: _rel(got[n], ref[n]) for n in ("out", "dq", "dk", "dv", "dsigma")}
+  line = f"seed {SEED + 1} {desc} +dlse: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items())
+  print(line)
+  assert all(e <= TOL for e in errs.values()), line
+
+
+# Fixed cases of the remaining tests (B, Nq, Nk, H, Hkv, D, dtype, time kinds, fps, σ).
+CASES = {
+    "segments_padding": (2, 192, 320, 2, 1, 128, jnp.bfloat16, (25, 25), [0.3, 0.9]),
+    "cross_video_audio": (2, 528, 66, 4, 4, 64, jnp.bfloat16, (25, 25 / 8),
+                          [0.08, 0.16, 0.64, np.inf]),
+    "dense_n1024_d128": (2, 1024, 1024, 4, 4, 128, jnp.bfloat16, (25, 25),
+                         [0.04, 0.2, 1.0, np.inf]),
+}
+
+
+def _inputs(case, seed):
+  b, nq, nk, h, hkv, d, dtype, fps, sigma = CASES[case]
+  rng = np.random.default_rng(seed)
+  q, do = (rng.standard_normal((b, nq, h, d)).astype(np.float32) for _ in range(2))
+  k, v = (rng.standard_normal((b, nk, hkv, d)).astype(np.float32) for _ in range(2))
+  t = lambda n, f: (np.broadcast_to(np.arange(n) / f, (b, n))
+                    + rng.uniform(0, 0.01, (b, 1))).astype(np.float32)
+  tq, tk = t(nq, fps[0]), t(nk, fps[1])
+  seg = {}
+  if case == "segments_padding":
+    # Two packed segments per row plus key padding.
+    qs = (np.arange(nq)[None] * 3 // nq).repeat(b, 0).astype(np.int32)
+    ks = (np.arange(nk)[None] * 2 // nk).repeat(b, 0).astype(np.int32)
+    ks[:, -37:] = -1
+    seg = dict(q_segment_ids=jnp.asarray(qs), kv_segment_ids=jnp.asarray(ks))
+  cast = lambda x: jnp.asarray(x, dtype)
+  return (cast(q), cast(k), cast(v), jnp.asarray(tq), jnp.asarray(tk),
+          jnp.asarray(sigma, F32), cast(do), {}, seg)
 
 
 def test_lse_and_empty_rows():
@@ -214,7 +288,7 @@ def test_inference_forward_row_sums_on_tensor_cores():
     np.testing.assert_allclose(np.asarray(l1), np.asarray(l0), rtol=0, atol=8e-3)
 
 
-@pytest.mark.parametrize("d,h,hkv", [(64, 2, 2), (128, 2, 2), (128, 4, 1)])
+@pytest.mark.parametrize("d,h,hkv", [(128, 4, 1)])
 def test_band_skipping_matches_dense_and_skips(d, h, hkv):
   """bias_cutoff drops far blocks; with a generous cutoff the result equals the dense one.
   With grouped heads of different widths each query head has its own block list."""
@@ -241,7 +315,7 @@ def test_band_skipping_matches_dense_and_skips(d, h, hkv):
     assert _rel(a, r) < 1e-3
 
 
-@pytest.mark.parametrize("case", ["causal_gqa_odd_d64", "dense_n1024_d128", "segments_padding"])
+@pytest.mark.parametrize("case", ["segments_padding"])
 def test_deterministic(case):
   """Bit-identical gradients on repeated calls."""
   q, k, v, tq, tk, sigma, do, mask, seg = _inputs(case, 11)

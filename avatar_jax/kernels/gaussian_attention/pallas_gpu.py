@@ -874,11 +874,18 @@ def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
 
 def _dq_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
              block_q, block_kv, num_stages, head_codes, interpret, regs, free):
-  """dQ = scale·Σ_j dS_ij k_j and pen̄_i = Σ_j P_ij·pen_ij (log2 units) per query row.
+  """dQ = scale·Σ_j dS_ij k_j and pen̄_i = Σ_j P_ij·pen_ij / Σ_j P_ij (log2 units) per query row.
 
   qvec rows: [lse2, delta, g, masks...]. pen̄ lets the dK/dV kernel form dσ without the
   cancellation of Σ_j dS_ij = 0 (see :func:`_dkv_call`); that needs the two kernels' pen to
-  be the same floats, which is why this kernel has no line-fit steps (docs/notes, run 80).
+  be the same floats, which is why this kernel has no line-fit steps.
+
+  pen̄ is divided by this kernel's own Σ_j P_ij. P = exp2(s − lse) takes lse from the forward,
+  whose logits are rounded differently (q·k units), so Σ_j P deviates from 1 by the rounding
+  of the Gaussian coordinates: ~1e-3 where every visible key is far from the query (a row past
+  the end of its padded keys, under a narrow head: pen ≈ 2000). The dK/dV kernel's
+  Σ_i P·dP·(pen − pen̄) cancels delta only if pen̄ is the P-weighted mean; the unnormalised sum
+  left an error of pen̄·(1 − Σ_j P) per row, which made dσ wrong by up to 10³× there.
   """
   pl, plgpu = _plgpu()
   b, _, h, d = q.shape
@@ -927,7 +934,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
       bc_k = lambda x: lax.broadcast_in_dim(x, shape, [1])
 
       def step(j, carry, masked):
-        dq_acc, pbar = carry
+        dq_acc, pbar, l = carry
         slot = lax.rem(j, jnp.array(stages, j.dtype))
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(v_bar.at[slot])
@@ -947,17 +954,20 @@ def _dq_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
           s = _apply_mask(s, rq, rk, spec)
         p = jnp.exp2(s - bc_q(lse))
         pbar = pbar + (p * pen).sum(axis=1)
+        l = l + p.sum(axis=1)
         ds = p * (dp - bc_q(delta))
         dq_acc = _mma(dq_acc, ds.astype(dtype), k_smem.at[slot], interpret)
         release_k(slot)
-        return dq_acc, pbar
+        return dq_acc, pbar, l
 
+      zero_row = lambda: _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l)
       carry = (_cast(interpret, jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA),
-               _cast(interpret, jnp.zeros((block_q,), jnp.float32), row_l))
+               zero_row(), zero_row())
       carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
-      dq_acc, pbar = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), carry)
+      dq_acc, pbar, l = lax.fori_loop(n_p, steps, functools.partial(step, masked=False), carry)
       q_smem[...] = (dq_acc * scale).astype(dtype)
-      pbar_smem2.at[wg][...] = pbar
+      # Rows with no visible key (or padded rows) have l = 0 and pbar = 0: keep 0.
+      pbar_smem2.at[wg][...] = pbar / jnp.maximum(l, jnp.float32(1e-30))
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, pl.ds(q0, block_q), hi])
       plgpu.copy_smem_to_gmem(pbar_smem2.at[wg], pbar_ref.at[bi, hi, pl.ds(q0, block_q)])
