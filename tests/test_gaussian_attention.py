@@ -643,3 +643,18 @@ def test_pallas_tpu_lowers_for_tpu(chip, case, monkeypatch):
   for low, n_kernels in zip(lowered, (1, 2)):
     text = low.as_text()
     assert text.count("tpu_custom_call") >= n_kernels, text[:2000]
+
+
+def test_package_exports_the_public_entry_points():
+  """The README's import works and is the API's function; the sharded one sits beside it."""
+  from avatar_jax.kernels.gaussian_attention import (  # pylint: disable=g-import-not-at-top
+      gaussian_attention, sharded_gaussian_attention)
+  from avatar_jax.kernels.gaussian_attention import api as api_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 5, 2, 8)), jnp.float32) for _ in range(3))
+  t = jnp.asarray(np.arange(5)[None] / 25.0, jnp.float32)
+  sigma = jnp.asarray([0.05, 1.0], jnp.float32)
+  out = gaussian_attention(q, k, v, t, t, sigma)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(api_lib.gaussian_attention(
+      q, k, v, t, t, sigma)))
+  assert callable(sharded_gaussian_attention)

@@ -195,14 +195,6 @@ def test_interpret_persistent_forward_with_empty_items():
         q_segment_ids=qs, kv_segment_ids=ks)
   keep = q_ids != 5
   assert _rel(out[keep], np.asarray(ref)[keep]) < 1e-2
-  # The key vectors' load issued before (kvec_early=0) or under Q·Kᵀ, Q read from shared
-  # memory by every product (q_regs=0) or held in registers: same numbers.
-  for knob in ({"kvec_early": 0}, {"q_regs": 0}):
-    out0, lse0 = pallas_gpu.forward(q, k, v, tq, tk, sigma, scale=d ** -0.5, spec=spec,
-                                    q_segment_ids=qs, kv_segment_ids=ks, interpret=True,
-                                    block_q=64, block_kv=64, **knob)
-    np.testing.assert_array_equal(np.asarray(out0, np.float32), out)
-    np.testing.assert_array_equal(np.asarray(lse0), lse)
   # Without a backward to feed (exact_lse=False) the row sums come from the tensor cores
   # (l_mma): they sum the bf16 P that P·V uses, so not bit-identical, but the empty rows stay
   # exact and the rest within bf16 rounding of the float32 sums.
@@ -315,36 +307,30 @@ def test_interpret_affine_key_steps_match_float64_reference():
 
 
 def test_block_options_are_validated_with_the_offending_key():
-  cfg = pallas_gpu._blocks({"sched": 0, "block_kv": 64}, 128)
-  assert cfg["sched"] == 0 and cfg["block_kv"] == 64 and cfg["block_q"] == 64
+  cfg = pallas_gpu._blocks({"affine_k": 0, "block_kv": 64}, 128)
+  assert cfg["affine_k"] == 0 and cfg["block_kv"] == 64 and cfg["block_q"] == 64
   assert pallas_gpu._blocks({}, 64)["block_q"] == 128  # head dim <= 64: taller query tiles
   with pytest.raises(TypeError, match="block_kvv"):
     pallas_gpu._blocks({"block_kvv": 64}, 128)
+  with pytest.raises(TypeError, match="sched"):  # a removed option is an unknown key
+    pallas_gpu._blocks({"sched": 0}, 128)
   with pytest.raises(ValueError, match="block_q=96"):
     pallas_gpu._blocks({"block_q": 96}, 128)
-  with pytest.raises(ValueError, match="sched=2"):
-    pallas_gpu._blocks({"sched": 2}, 128)
   with pytest.raises(ValueError, match="num_stages=0"):
     pallas_gpu._blocks({"num_stages": 0}, 128)
   with pytest.raises(ValueError, match="regs_bwd=236"):  # not a multiple of 8
     pallas_gpu._blocks({"regs_bwd": 236}, 128)
   with pytest.raises(ValueError, match="regs=248"):  # would leave the memory warpgroup < 24
     pallas_gpu._blocks({"regs": 248}, 128)
-  with pytest.raises(ValueError, match="kvec_early=-1"):
-    pallas_gpu._blocks({"kvec_early": -1}, 128)
-  with pytest.raises(ValueError, match="q_regs=2"):
-    pallas_gpu._blocks({"q_regs": 2}, 128)
   with pytest.raises(ValueError, match="affine_k=3"):
     pallas_gpu._blocks({"affine_k": 3}, 128)
-  with pytest.raises(ValueError, match="free_bwd=2"):
-    pallas_gpu._blocks({"free_bwd": 2}, 128)
-  # Ring releases on hardware barriers: 6 barriers, two operands -> at most 3 stages.
-  assert pallas_gpu._blocks({"num_stages": 3}, 128)["free"] == 1
-  with pytest.raises(ValueError, match="num_stages=4 with free=1"):
+  with pytest.raises(ValueError, match="l_mma=2"):
+    pallas_gpu._blocks({"l_mma": 2}, 128)
+  # The forward's ring releases use hardware barriers: 6 barriers, two operands -> <= 3 stages.
+  assert pallas_gpu._blocks({"num_stages": 3}, 128)["num_stages"] == 3
+  with pytest.raises(ValueError, match="num_stages=4"):
     pallas_gpu._blocks({"num_stages": 4}, 128)
-  assert pallas_gpu._blocks({"num_stages": 4, "free": 0}, 128)["num_stages"] == 4
-  with pytest.raises(ValueError, match="num_stages_bwd=4 with free_bwd=1"):
-    pallas_gpu._blocks({"num_stages_bwd": 4, "free_bwd": 1}, 128)
+  assert pallas_gpu._blocks({"num_stages_bwd": 4}, 128)["num_stages_bwd"] == 4
 
 
 def test_operands_are_padded_only_where_tma_needs_it():

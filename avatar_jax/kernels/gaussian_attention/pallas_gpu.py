@@ -60,44 +60,26 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees inf − inf.
 
-# sched: how the forward's two compute warpgroups take turns on the tensor cores. 1: two
-# hardware named barriers, each warpgroup waiting on its own and signalling the other's after
-# issuing Q·Kᵀ (FlashAttention-3's ping-pong: a warpgroup is held only until the other has
-# issued, never until it has finished); 0: one shared mbarrier both arrive at and wait on
-# (lockstep phases; also what the CPU interpreter runs, having no hardware barriers).
-# Defaults measured on an H200 (docs/notes/attention_gpu.md, run 3); head dims <= 64 use taller
-# query tiles (fewer CTAs, whose fill/drain is otherwise exposed when Nk is short).
-# regs / regs_bwd: registers per thread of each compute warpgroup (the memory warpgroup gets
-# 504 − 2·regs). 240 against 232: backward −2..−5 % (run 30), forward within noise
-# (runs 29–30).
-# free / free_bwd: how compute warpgroups hand a ring slot back to the memory warpgroup.
-# 1: hardware barriers (consumers bar.arrive, which does not block; the memory warpgroup
-# bar.syncs, no polling); 0: an mbarrier per slot. Forward −3..−5 % with 1 (runs 33–37);
-# backward unchanged (run 35), so it keeps the mbarriers.
-# kvec_early: in the forward's unmasked steps, wait for the key vectors and load them from
-# shared memory while Q·Kᵀ is in flight instead of after it (the load's latency was exposed
-# before the Gaussian term): −4..−8 % at D128 (runs 39–41), bit-identical.
-# q_regs: the forward's Q·Kᵀ takes Q from registers (D/4 per thread, loaded once per item)
-# instead of shared memory: −0.2..−1.6 % in all six shuffled comparisons (run 65), bit-identical.
+# Tuning knobs (measured on an H200; docs/notes/attention_gpu.md has the numbers):
+# block_* / num_stages*: tile sizes and the depth of the shared-memory ring; head dims <= 64
+# use taller query tiles (fewer CTAs, whose fill and drain are otherwise exposed when Nk is
+# short). regs / regs_bwd: registers per thread of each compute warpgroup (the memory
+# warpgroup gets 504 − 2·regs). sm_margin: multiprocessors the persistent forward leaves free
+# for a concurrent collective (the context ring's transfers).
+# Options (0 or 1):
 # affine_k: the forward's fully visible steps over key blocks on a regular time grid form the
-# Gaussian term from the block's line fit (g_0, δ) with immediate column offsets, without the
-# key vector: −1.5..−3.7 % (B4 N4096, B1 N8192), −0..−2 % (cross-attention D64) in shuffled
-# A/B runs through the API (runs 74, 76–77); other blocks keep the per-key vector. The
-# Gaussian term costs 11–12 % of the forward (run 68).
+# Gaussian term from the block's line fit (g_0, δ) with immediate column offsets instead of
+# loading a key vector from shared memory every step; other blocks keep the per-key vector.
+# 0 runs every block the per-key way (the reference the line fit is tested against).
 # l_mma: when the caller needs no float32 lse (forward(exact_lse=False): inference through the
-# API), the forward's row sums ride with P·V on the tensor cores (one FP32 add per logit less):
-# −0.1..−1.9 % at B4 N4096 in six shuffled comparisons, ±0.8 % B1 N8192, ±0 cross (run 79);
-# outputs' errors against float64 unchanged. Under differentiation it stays off: the bf16
-# sums move lse by up to ~2⁻⁹ and the backward's dσ fails its tolerance (run 80).
-# cse: the dK/dV kernel forms u = P·dP once for both dS = u − P·delta and the dσ term (one FP32
-# multiply per logit less): fwd+bwd −0.7 % (B4 N4096), ±0 (B1 N8192), −1.2 % (cross), run 80.
-_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, sched=1, regs=240, regs_bwd=240,
-                       free=1, free_bwd=0, kvec_early=1, q_regs=1, affine_k=1, l_mma=1,
-                       cse=1,
+# API), the forward's row sums ride with P·V on the tensor cores (one FP32 add per logit less).
+# Under differentiation it stays off: bf16 row sums move lse by up to ~2⁻⁹, which dσ cannot
+# afford.
+_DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, regs=240, regs_bwd=240,
+                       affine_k=1, l_mma=1,
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2, sm_margin=0)
-_SWITCHES = ("sched", "free", "free_bwd", "kvec_early", "q_regs", "affine_k", "l_mma",
-             "cse")  # 0 or 1
+_SWITCHES = ("affine_k", "l_mma")  # 0 or 1
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
 # The CPU interpreter's cost grows with padded work, not with launch count: smallest tiles.
 _DEFAULT_BLOCKS_INTERPRET = dict(block_q=64, block_kv=64, block_kv_dq=64)
@@ -124,7 +106,7 @@ def _interpret_params(interpret):
 
 _TMA_ROWS = 8  # rows of the (8, 64) shared-memory tiles: TMA needs row counts that divide by it
 _SCHED_BAR = 8  # hardware barriers 8 and 9; Mosaic GPU itself uses the low ids
-_FREE_BAR = 10  # ring releases (free=1): hardware barriers 10 .. 15
+_FREE_BAR = 10  # the forward's ring releases: hardware barriers 10 .. 15
 
 
 def _named_barrier(op, bar_id, n_threads):
@@ -604,12 +586,12 @@ def _num_ctas(n_items, interpret, sm_margin=0):
 
 
 def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
-              block_q, block_kv, num_stages, head_codes, interpret, sched, regs, free,
-              kvec_early, q_regs, l_mma=0, sm_margin=0):
+              block_q, block_kv, num_stages, head_codes, interpret, regs, l_mma=0,
+              sm_margin=0):
   """Persistent forward: one CTA per multiprocessor walks work items (b, h, query tile).
 
   Item i = tile + n_tiles·(h + H·b): the CTAs running at the same time cover few heads, so
-  the K/V tiles they stream are L2 hits (head-major order: 1.5–10 % slower, runs 28–29).
+  the K/V tiles they stream are L2 hits (head-major order measured slower).
   A CTA's producer streams K/V for its items back to back (the ring does not drain between
   items) and each compute warpgroup loads the next item's Q into the other half of a double
   buffer while it works on the current one, so per-item fill and drain (Q load, first K/V,
@@ -664,9 +646,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
       return bi, hi, ti, hc, n_p, n_p + cnt_ref[1, bi, hc, ti]
 
     # The interpreter has no hardware barriers: it runs the mbarrier form.
-    give, take, begin, end = _turns(wg, sched_bar, named=sched == 1 and not interpret)
+    give, take, begin, end = _turns(wg, sched_bar, named=not interpret)
     (release_k, wait_k), (release_v, wait_v) = _ring_free(
-        (k_free, v_free), stages, named=free == 1 and not interpret)
+        (k_free, v_free), stages, named=not interpret)
 
     @pl.when(wg < 2)
     def _compute():
@@ -701,9 +683,9 @@ def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
 
         qrow = {nm: _load(qv_smem.at[buf, wg, r], row_l, interpret)
                 for r, nm in enumerate(names)}
-        # q_regs: Q·Kᵀ takes Q from registers (loaded once per item), so only K is read from
-        # shared memory by each product.
-        q_op = _load(q_smem, plgpu.Layout.WGMMA, interpret) if q_regs else q_smem
+        # Q·Kᵀ takes Q from registers (loaded once per item), so only K is read from shared
+        # memory by each product.
+        q_op = _load(q_smem, plgpu.Layout.WGMMA, interpret)
 
         def step(j, carry, kind):  # kind: "masked", "full" or "line" (affine keys)
           acc, m, l = carry
@@ -724,7 +706,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
             release_k(slot)
             s = _pen_affine(s, qrow["g"] - g0k, delta, interpret)
           else:
-            if kvec_early and kind == "full":  # the key vector's shared-memory load under Q·Kᵀ
+            if kind == "full":  # the key vector's shared-memory load runs under Q·Kᵀ
               s, krow = _mm(shape, q_op, k_smem.at[slot], interpret=interpret,
                             after_issue=lambda: (give(), load_krow())[1])
             else:
@@ -873,7 +855,7 @@ def _fwd_call(q, k, v, qvec, kvec, order, cnt, *, scale_log2, spec,
 
 
 def _dq_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
-             block_q, block_kv, num_stages, head_codes, interpret, regs, free):
+             block_q, block_kv, num_stages, head_codes, interpret, regs):
   """dQ = scale·Σ_j dS_ij k_j and pen̄_i = Σ_j P_ij·pen_ij / Σ_j P_ij (log2 units) per query row.
 
   qvec rows: [lse2, delta, g, masks...]. pen̄ lets the dK/dV kernel form dσ without the
@@ -910,8 +892,9 @@ def _dq_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
     hc = hi if head_codes else 0
     n_p = cnt_ref[0, bi, hc, ti]
     steps = n_p + cnt_ref[1, bi, hc, ti]
-    (release_k, wait_k), (release_v, wait_v) = _ring_free(
-        (k_free, v_free), stages, named=free == 1 and not interpret)
+    # The backward kernels release ring slots through mbarriers: hardware barriers measured
+    # no faster there.
+    (release_k, wait_k), (release_v, wait_v) = _ring_free((k_free, v_free), stages, named=False)
 
     @pl.when(wg < 2)
     def _compute():
@@ -1023,7 +1006,7 @@ def _dq_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
 
 
 def _dkv_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
-              block_q, block_kv, num_stages, head_codes, interpret, regs, free, cse=0):
+              block_q, block_kv, num_stages, head_codes, interpret, regs):
   """dK (times the scale), dV and dσ partials per key (log2 units).
 
   The partial is Σ_i P_ij·dP_ij·(pen_ij − pen̄_i), which equals Σ_i dS_ij·pen_ij exactly
@@ -1067,8 +1050,8 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
     hc = hk if grouped or head_codes else 0
     n_p = cnt_ref[0, bi, hc, ti]
     steps = n_p + cnt_ref[1, bi, hc, ti]
-    (release_q, wait_q), (release_do, wait_do) = _ring_free(
-        (q_free, do_free), stages, named=free == 1 and not interpret)
+    (release_q, wait_q), (release_do, wait_do) = _ring_free((q_free, do_free), stages,
+                                                            named=False)
 
     def entry(j):
       """Step j's (query head, query block, head within the group r or None)."""
@@ -1133,7 +1116,7 @@ def _dkv_call(q, k, v, do, qvec, kvec, order, cnt, *, scale, scale_log2, spec,
           part_r[...] = _load(part_r, row_l, interpret) + term
         else:
           part = part + term
-        dst = u - pt * bc_q(delta) if cse else pt * (dpt - bc_q(delta))
+        dst = u - pt * bc_q(delta)  # u = P·dP is shared with the dσ term
         dv_acc, dk_acc = _mma_group([(dv_acc, pt.astype(dtype), do_smem.at[slot], False),
                                      (dk_acc, dst.astype(dtype), q_smem.at[slot], False)],
                                     interpret)
@@ -1240,11 +1223,10 @@ def _blocks(block_sizes, head_dim, interpret=False):
       raise ValueError(f"pallas_gpu sm_margin={val} must be in [0, 128)")
   # Two ring operands per kernel, one hardware barrier per operand and slot.
   max_stages = (16 - _FREE_BAR) // 2
-  for free, stages in (("free", "num_stages"), ("free_bwd", "num_stages_bwd")):
-    if cfg[free] and cfg[stages] > max_stages:
-      raise ValueError(f"pallas_gpu {stages}={cfg[stages]} with {free}=1 needs more than the "
-                       f"{16 - _FREE_BAR} hardware barriers ring releases may use: "
-                       f"{stages} <= {max_stages}, or {free}=0")
+  if cfg["num_stages"] > max_stages:
+    raise ValueError(f"pallas_gpu num_stages={cfg['num_stages']} needs more than the "
+                     f"{16 - _FREE_BAR} hardware barriers the forward's ring releases may use: "
+                     f"num_stages <= {max_stages}")
   return cfg
 
 
@@ -1280,9 +1262,8 @@ def forward(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids, kv_segment_
   out, lse2 = _fwd_call(qp, kp, vp, prep.qvec, kvec, order, cnt,
                         scale_log2=prep.scale_log2, spec=spec, block_q=cfg["block_q"],
                         block_kv=cfg["block_kv"], num_stages=cfg["num_stages"],
-                        head_codes=order.shape[1] > 1, interpret=interpret, sched=cfg["sched"],
-                        regs=cfg["regs"], free=cfg["free"], kvec_early=cfg["kvec_early"],
-                        q_regs=cfg["q_regs"], l_mma=cfg["l_mma"] and not exact_lse,
+                        head_codes=order.shape[1] > 1, interpret=interpret,
+                        regs=cfg["regs"], l_mma=cfg["l_mma"] and not exact_lse,
                         sm_margin=cfg["sm_margin"])
   out = out[:, :prep.nq]
   lse = lse2[:, :, :prep.nq] * LN2
@@ -1311,7 +1292,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   dop = _pad_rows(dout.astype(q.dtype), prep.nq_p, interpret)
   kp, vp = _pad_rows(k, prep.nk_p, interpret), _pad_rows(v, prep.nk_p, interpret)
   kw = dict(scale=float(scale), scale_log2=prep.scale_log2, spec=spec, interpret=interpret,
-            regs=cfg["regs_bwd"], free=cfg["free_bwd"])
+            regs=cfg["regs_bwd"])
 
   order, n_part, n_full = prep.lists(2 * cfg["block_q_dq"], cfg["block_kv_dq"])
   dq, pbar = _dq_call(qp, kp, vp, dop, qvec_b, prep.kvec, order, counts(n_part, n_full),
@@ -1325,7 +1306,7 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   dk, dv, part = _dkv_call(qp, kp, vp, dop, qvec_k, prep.kvec, order, counts(n_part, n_full),
                            block_q=cfg["block_q_dkv"], block_kv=cfg["block_kv_dkv"],
                            num_stages=cfg["num_stages_bwd"],
-                           head_codes=order.shape[1] > 1, cse=cfg["cse"], **kw)
+                           head_codes=order.shape[1] > 1, **kw)
   # dK/dV come out per K/V head: grouped heads were summed in the kernel's fp32 accumulators.
   # The kernels applied the scale to dQ and dK in fp32: no extra pass (nor rounding) here.
   dq, dk, dv = dq[:, :nq], dk[:, :nk], dv[:, :nk]
