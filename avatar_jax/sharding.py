@@ -24,8 +24,6 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
-    ("kv", None),
-    ("channels", None),
     ("conv_in", None),
     ("conv_out", "tensor"),
 )
@@ -92,3 +90,16 @@ def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """Pins activation x to the rules' layout of its logical axes (e.g. ("batch", "time",
+  "embed")) under the current mesh (`jax.set_mesh`); outside one it returns x unchanged.
+
+  This is what makes the `context` axis split time in activations, and `batch` the batch, no
+  matter what the compiler would otherwise propagate from the parameters.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, mesh))

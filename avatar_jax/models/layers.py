@@ -1,4 +1,9 @@
-"""Small NNX building blocks with logical-axis annotations on every parameter."""
+"""Small NNX building blocks with logical-axis annotations on every parameter.
+
+Precision: every block takes `dtype` (compute; None = the parameters' dtype) and `param_dtype`
+(storage, float32 by default). LayerNorm statistics are computed in float32 whatever `dtype`
+is (flax upcasts them), and the sinusoidal timestep embedding is float32.
+"""
 from __future__ import annotations
 
 import math
@@ -17,26 +22,29 @@ def logical(init, axes):
 
 
 def dense(din: int, dout: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
-          use_bias: bool = True, zero_init: bool = False, dtype=None) -> nnx.Linear:
+          use_bias: bool = True, zero_init: bool = False, dtype=None,
+          param_dtype=jnp.float32) -> nnx.Linear:
   """nnx.Linear whose kernel [din, dout] carries logical axes `axes` (bias: axes[1])."""
   init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
   return nnx.Linear(
-      din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs,
+      din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
       kernel_init=logical(init, axes),
       bias_init=logical(nnx.initializers.zeros_init(), (axes[1],)))
 
 
-def layer_norm(d: int, *, rngs: nnx.Rngs, affine: bool = True) -> nnx.LayerNorm:
+def layer_norm(d: int, *, rngs: nnx.Rngs, affine: bool = True, dtype=None,
+               param_dtype=jnp.float32) -> nnx.LayerNorm:
   return nnx.LayerNorm(
-      d, use_bias=affine, use_scale=affine, rngs=rngs,
+      d, use_bias=affine, use_scale=affine, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
       scale_init=logical(nnx.initializers.ones_init(), ("embed",)),
       bias_init=logical(nnx.initializers.zeros_init(), ("embed",)))
 
 
 class Mlp(nnx.Module):
-  def __init__(self, d: int, hidden: int, *, rngs: nnx.Rngs):
-    self.up = dense(d, hidden, ("embed", "mlp"), rngs=rngs)
-    self.down = dense(hidden, d, ("mlp", "embed"), rngs=rngs)
+  def __init__(self, d: int, hidden: int, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.up = dense(d, hidden, ("embed", "mlp"), **kw)
+    self.down = dense(hidden, d, ("mlp", "embed"), **kw)
 
   def __call__(self, x):
     return self.down(jax.nn.gelu(self.up(x)))
@@ -45,9 +53,11 @@ class Mlp(nnx.Module):
 class Conv1d(nnx.Module):
   """'SAME' temporal convolution over [B, T, Din] -> [B, T, Dout]."""
 
-  def __init__(self, din: int, dout: int, kernel: int, *, rngs: nnx.Rngs, dilation: int = 1):
+  def __init__(self, din: int, dout: int, kernel: int, *, rngs: nnx.Rngs, dilation: int = 1,
+               dtype=None, param_dtype=jnp.float32):
     self.conv = nnx.Conv(
         din, dout, kernel_size=(kernel,), kernel_dilation=(dilation,), padding="SAME", rngs=rngs,
+        dtype=dtype, param_dtype=param_dtype,
         kernel_init=logical(nnx.initializers.lecun_normal(), (None, "conv_in", "conv_out")),
         bias_init=logical(nnx.initializers.zeros_init(), ("conv_out",)))
 
@@ -66,9 +76,10 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> 
 class AdaLN(nnx.Module):
   """LayerNorm whose shift/scale/gate come from a conditioning vector (DiT's adaLN-Zero)."""
 
-  def __init__(self, d: int, dcond: int, *, rngs: nnx.Rngs):
-    self.norm = layer_norm(d, rngs=rngs, affine=False)
-    self.mod = dense(dcond, 3 * d, (None, "embed"), rngs=rngs, zero_init=True)
+  def __init__(self, d: int, dcond: int, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    self.norm = layer_norm(d, rngs=rngs, affine=False, dtype=dtype, param_dtype=param_dtype)
+    self.mod = dense(dcond, 3 * d, (None, "embed"), rngs=rngs, zero_init=True, dtype=dtype,
+                     param_dtype=param_dtype)
 
   def __call__(self, x, cond):
     """x: [B, T, D]; cond: [B, Dc] or [B, T, Dc] -> (normed x, gate)."""
