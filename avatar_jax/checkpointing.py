@@ -55,6 +55,18 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def state_metadata(self, step: int):
+    """Tree of the saved state's array metadata (shape, dtype) at `step`, reading no arrays."""
+    return self.manager.item_metadata(step)["state"]
+
+  def restore_partial(self, abstract_subtree, step: int):
+    """Only the arrays of `abstract_subtree` (a subtree of the saved state, e.g. {"ema": ...}),
+    each restored with its ShapeDtypeStruct's dtype and target sharding; nothing else is read."""
+    path = os.path.join(self.directory, str(step), "state")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=abstract_subtree, restore_args=restore_args, partial_restore=True))
+
   def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
     step = self.latest_step() if step is None else step
     if step is None:

@@ -35,3 +35,16 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Locks a config so that setting an unknown key (e.g. `--config.trian.steps`) raises."""
   config.lock()
   return config
+
+
+def init_from(workdir: str = "", *, step: int | None = None, include=(), exclude=(),
+              into: str = "model") -> ml_collections.ConfigDict:
+  """`config.init_from`: start a stage from another run's weights (trainer.init_from_entries).
+
+  workdir "" loads nothing; include/exclude are regexes over variable paths ("blocks/0/.*");
+  into is "model", "model/<submodule>" or "aux/<name>".
+  """
+  # A typed placeholder, so that `--config.init_from.step=N` can override the None default.
+  step = ml_collections.config_dict.placeholder(int) if step is None else step
+  return ml_collections.ConfigDict(dict(workdir=workdir, step=step, include=tuple(include),
+                                        exclude=tuple(exclude), into=into))

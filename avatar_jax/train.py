@@ -11,8 +11,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from avatar_jax.evals import synthdyad_metrics
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:args]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -35,10 +33,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(QuietLibraries())
   distributed.initialize()
   logging.info("Config:\n%s", _CONFIG.value)
-  results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  for split, rows in results.items():
-    print(f"\nSynthDyad `{split}` split ({_WORKDIR.value}/eval/{split}.md):\n")
-    print(synthdyad_metrics.format_table(rows))
+  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def parse_flags(argv):

@@ -1,12 +1,27 @@
-"""The one training loop: mesh → data → state → step → checkpoints → samples → evals.
+"""The one training loop: mesh → setup (system, state, step) → data → loop → checkpoints → evals.
 
-Every model family trains through this file; what differs lives in its system (model file,
-see models/registry.py) and its config. Read top to bottom.
+Every model family trains through this file; what differs lives in its system (a model file
+exporting `System`, see avatar_jax/system.py) and its config. Read top to bottom.
+
+The train state is one pytree:
+  step    int32 []
+  params  trainable nnx.Params (`system.trainable`)       optimiser + EMA
+  frozen  every other nnx.Param of the model              loaded or initialised, never updated
+  rest    the model's non-Param variables (statistics)
+  aux     {name: state of system.aux_models()}            never updated (reference policy, VAE)
+  opt     optimiser state over `params` only
+  ema     EMA of `params` only
+Frozen and auxiliary parameters are saved with the run, so resuming and `restore_model` need no
+other workdir; they enter a run through `config.init_from` (see load_init_from).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +31,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from avatar_jax import checkpointing, sharding, writers
+from avatar_jax import checkpointing, sharding, system as system_lib, writers
 from avatar_jax.data import pipeline
 from avatar_jax.models import registry
 
@@ -39,45 +54,23 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int
   ), schedule
 
 
+# ============================================================================= mesh
+def use_mesh(mesh: jax.sharding.Mesh):
+  """Context that makes `mesh` the ambient mesh (jax.set_mesh; use_mesh on older jax)."""
+  set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+  return set_mesh(mesh)
+
+
 # ============================================================================= state
-def build_abstract(system, config, stats):
-  """Model structure without allocating: (graphdef, abstract params, abstract rest)."""
-  model = nnx.eval_shape(lambda: system.build(rngs=nnx.Rngs(config.seed), stats=stats))
-  return nnx.split(model, nnx.Param, ...)
+def split_model(system: system_lib.System, model: nnx.Module):
+  """(graphdef, trainable params, frozen params, rest) of a model."""
+  return nnx.split(model, nnx.All(nnx.Param, system.trainable), nnx.Param, ...)
 
 
 def state_shardings(abstract_state, mesh):
   """Shardings from the logical axes each variable was created with (sharding.RULES)."""
   specs = nnx.get_partition_spec(abstract_state)
   return sharding.tree_shardings(specs, mesh)
-
-
-def new_state(params, rest, tx):
-  """The train state pytree: {step, params, rest (non-trained variables), opt, ema}."""
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt": tx.init(params),
-          "ema": jax.tree.map(jnp.copy, params)}
-
-
-def create_state(system, config, mesh, stats, tx):
-  """Initial train state, created directly sharded (never materialised on one device)."""
-  graphdef, params, rest = build_abstract(system, config, stats)
-
-  def init():
-    model = system.build(rngs=nnx.Rngs(config.seed), stats=stats)
-    _, p, r = nnx.split(model, nnx.Param, ...)
-    return new_state(p, r, tx)
-
-  abstract = jax.eval_shape(init)
-  shardings = {
-      "step": sharding.replicated(mesh),
-      "params": state_shardings(params, mesh),
-      "rest": state_shardings(rest, mesh),
-      "ema": state_shardings(params, mesh),
-  }
-  # Optimiser moments mirror the params they belong to; scalars (counts) are replicated.
-  shardings["opt"] = _opt_shardings(abstract["opt"], shardings["params"], mesh)
-  state = jax.jit(init, out_shardings=shardings)()
-  return graphdef, state, shardings
 
 
 def _opt_shardings(opt_abstract, param_shardings, mesh):
@@ -94,16 +87,21 @@ def _opt_shardings(opt_abstract, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(pick, opt_abstract)
 
 
-# ============================================================================= step
-def make_train_step(system, graphdef, tx, schedule, ema_decay: float, base_rng):
+def make_train_step(system: system_lib.System, graphdef, aux_graphdefs: Mapping[str, Any],
+                    tx: optax.GradientTransformation, schedule, ema_decay: float, base_rng):
   """Pure (state, batch) -> (state, metrics). Skips the update if loss/grads are not finite."""
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
+    aux = {n: nnx.merge(aux_graphdefs[n], s) for n, s in state["aux"].items()}
+    # On-policy batch preparation sees the current weights but is not differentiated.
+    current = nnx.merge(graphdef, state["params"], state["frozen"], state["rest"])
+    batch = jax.lax.stop_gradient(
+        system.prepare_batch(current, aux, batch, jax.random.fold_in(rng, 1)))
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["rest"])
-      return system.loss(model, batch, rng)
+      model = nnx.merge(graphdef, params, state["frozen"], state["rest"])
+      return system.loss(model, batch, rng, aux=aux)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -115,139 +113,354 @@ def make_train_step(system, graphdef, tx, schedule, ema_decay: float, base_rng):
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
     metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
                "nonfinite": 1.0 - finite.astype(jnp.float32)}
-    return {"step": state["step"] + 1, "params": params, "rest": state["rest"], "opt": opt,
-            "ema": ema}, metrics
+    return {**state, "step": state["step"] + 1, "params": params, "opt": opt, "ema": ema}, metrics
 
   return train_step
 
 
-def model_from_state(graphdef, state, *, ema: bool = True):
-  return nnx.merge(graphdef, state["ema"] if ema else state["params"], state["rest"])
+def model_from_state(graphdef, state, *, ema: bool = True) -> nnx.Module:
+  """The model of a train state: EMA (or raw) trainable params + frozen params + rest."""
+  return nnx.merge(graphdef, state["ema"] if ema else state["params"], state["frozen"],
+                   state["rest"])
+
+
+# ============================================================================= setup
+@dataclasses.dataclass
+class Setup:
+  """Everything built from (config, mesh) before the first step.
+
+  state: the train state (see module docstring), sharded on `mesh`; jax.ShapeDtypeStructs
+    carrying those shardings when built with `abstract=True`.
+  train_step: jitted (state, global batch) -> (state, metrics); donates the state.
+  """
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  system: system_lib.System
+  graphdef: Any
+  aux_graphdefs: dict[str, Any]
+  state: dict[str, Any]
+  shardings: dict[str, Any]
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  train_step: Callable
+  stats: Any = None
+
+  def batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host-local batch -> global arrays, batch dim split over the mesh's batch axes."""
+    return pipeline.to_global(host_batch, self.mesh)
+
+  def model(self, state=None, *, ema: bool = True) -> nnx.Module:
+    return model_from_state(self.graphdef, self.state if state is None else state, ema=ema)
+
+  def aux(self, state=None) -> dict[str, nnx.Module]:
+    state = self.state if state is None else state
+    return {n: nnx.merge(self.aux_graphdefs[n], s) for n, s in state["aux"].items()}
+
+  @property
+  def num_params(self) -> dict[str, int]:
+    """Sizes of the trainable, frozen and auxiliary parameters."""
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    aux = {n: nnx.filter_state(s, nnx.Param) for n, s in self.state["aux"].items()}
+    return {"trainable": count(self.state["params"]), "frozen": count(self.state["frozen"]),
+            "aux": count(aux)}
+
+
+def fit_stats(system: system_lib.System, config) -> Any:
+  """`system.fit_stats` on `config.train.stats_batches` batches of a separate train iterator."""
+  # Its own seed, so fitting statistics never consumes (or shifts) training batches.
+  it = pipeline.make(config.data, "train", keys=system.data_spec().keys, seed=config.seed + 1)
+  return system.fit_stats([next(it) for _ in range(config.train.stats_batches)])
+
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, stats: Any = None,
+          fit: bool = True, init_from: bool = True, abstract: bool = False,
+          compiler_options: dict | None = None) -> Setup:
+  """The system, its sharded train state and the jitted step of `config` on `mesh`.
+
+  Args:
+    stats: data statistics for `system.build`; None: fitted from the data when `fit`.
+    fit: call `system.fit_stats` (skip when a checkpoint will overwrite the state anyway).
+    init_from: load `config.init_from` weights into the fresh state.
+    abstract: build shapes + shardings only (to restore a checkpoint into), allocate nothing.
+    compiler_options: XLA options for the train step.
+  """
+  system = registry.get(config.model.name)(config)
+  if stats is None and fit:
+    stats = fit_stats(system, config)
+  tx, schedule = make_optimizer(config.optim, int(config.train.num_steps))
+
+  def init():
+    model = system.build(rngs=nnx.Rngs(config.seed), stats=stats)
+    _, params, frozen, rest = split_model(system, model)
+    aux = {n: nnx.state(m) for n, m in system.aux_models(rngs=nnx.Rngs(config.seed + 1)).items()}
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "rest": rest,
+            "aux": aux, "opt": tx.init(params), "ema": jax.tree.map(jnp.copy, params)}
+
+  # Structure without allocating: graphdefs and the logical axes of every variable.
+  graphdef = split_model(system, nnx.eval_shape(
+      lambda: system.build(rngs=nnx.Rngs(config.seed), stats=stats)))[0]
+  aux_graphdefs = {n: nnx.graphdef(m) for n, m in nnx.eval_shape(
+      lambda: system.aux_models(rngs=nnx.Rngs(config.seed + 1))).items()}
+  shapes = jax.eval_shape(init)
+  shardings = {k: state_shardings(shapes[k], mesh) for k in ("params", "frozen", "rest", "ema")}
+  shardings["step"] = sharding.replicated(mesh)
+  shardings["aux"] = {n: state_shardings(s, mesh) for n, s in shapes["aux"].items()}
+  shardings["opt"] = _opt_shardings(shapes["opt"], shardings["params"], mesh)
+
+  if abstract:
+    state = checkpointing.abstract_like(shapes, shardings)
+  else:
+    # Created directly sharded, never materialised on one device.
+    state = jax.jit(init, out_shardings=shardings)()
+    if init_from:
+      state = load_init_from(state, shardings, config.init_from)
+
+  step_fn = make_train_step(system, graphdef, aux_graphdefs, tx, schedule, config.optim.ema_decay,
+                            jax.random.key(config.seed))
+  train_step = jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options,
+                       out_shardings=(shardings, sharding.replicated(mesh)))
+  return Setup(config=config, mesh=mesh, system=system, graphdef=graphdef,
+               aux_graphdefs=aux_graphdefs, state=state, shardings=shardings, tx=tx,
+               schedule=schedule, train_step=train_step, stats=stats)
+
+
+# ============================================================================= init_from
+def _path_str(path) -> str:
+  """'blocks/0/attn/q/kernel' from a pytree key path (Variable '.value' hops dropped)."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      parts.append(k.name)
+    else:
+      parts.append(str(k))
+  if parts and parts[-1] == "value":
+    parts.pop()
+  return "/".join(parts)
+
+
+def init_from_entries(init_from: ml_collections.ConfigDict | None) -> list[tuple[str, Any]]:
+  """(config key, entry) of each `config.init_from` source with a workdir.
+
+  `config.init_from` is one entry (it has a `workdir` field) or several named entries
+  (`config.init_from.policy`, `config.init_from.reference`, ...), each with fields
+    workdir   the run to load from (its latest or `step`'s checkpoint); empty: no loading
+    step      None: latest
+    include   regexes (re.search) over the source's variable paths, e.g. "blocks/0/.*"; empty: all
+    exclude   regexes removed from the included paths
+    into      where the paths land: "model" (default), "model/<submodule>", "aux/<name>"
+  The source's weights are its EMA parameters, its frozen parameters and its non-Param variables.
+  """
+  if not init_from:
+    return []
+  if "workdir" in init_from:
+    entries = [("init_from", init_from)]
+  else:
+    entries = [(f"init_from.{n}", e) for n, e in init_from.items()]
+  return [(k, e) for k, e in entries if e.get("workdir")]
+
+
+def load_init_from(state, shardings, init_from) -> dict:
+  """`state` with the weights of every `config.init_from` entry, resharded onto its shardings."""
+  for key, entry in init_from_entries(init_from):
+    state = _load_entry(state, shardings, key, entry)
+  return state
+
+
+def _load_entry(state, shardings, key: str, entry) -> dict:
+  ckpt = checkpointing.Checkpointer(os.path.join(os.path.abspath(entry.workdir), "checkpoints"))
+  step = entry.get("step")
+  step = ckpt.latest_step() if step is None else int(step)
+  if step is None:
+    raise FileNotFoundError(f"config.{key}.workdir={entry.workdir!r} has no checkpoint under "
+                            f"{ckpt.directory}")
+  # Source variables by relative path; trained weights are read from the EMA.
+  source = {}
+  for path, m in jax.tree_util.tree_flatten_with_path(ckpt.state_metadata(step))[0]:
+    if _key(path[0]) in ("rest", "frozen", "ema"):
+      source[_path_str(path[1:])] = (path, m)
+  # Every loadable target leaf by full path ("model/<path>", "aux/<name>/<path>"): a trained one
+  # twice, since its EMA starts at the loaded weights too.
+  targets = {}
+  for (part, path), x in _leaves(state).items():
+    prefix = "aux" if part == "aux" else "model"
+    targets.setdefault(f"{prefix}/{_path_str(path)}", []).append((part, path, x))
+
+  include, exclude = tuple(entry.get("include") or ()), tuple(entry.get("exclude") or ())
+  for pattern in include + exclude:
+    if not any(re.search(pattern, p) for p in source):
+      raise ValueError(f"config.{key}: pattern {pattern!r} matches no variable of the checkpoint "
+                       f"{ckpt.directory}/{step}; its paths include {sorted(source)[:8]}")
+  chosen = [p for p in sorted(source) if (not include or any(re.search(r, p) for r in include))
+            and not any(re.search(r, p) for r in exclude)]
+  into = str(entry.get("into") or "model").strip("/")
+  if not chosen:
+    raise ValueError(f"config.{key}: include={include} exclude={exclude} leave nothing to load "
+                     f"from {ckpt.directory}/{step}")
+
+  # Partial restore of exactly the chosen arrays, each laid out as its target on this mesh.
+  flat_shardings = _leaves(shardings)
+  request, placed = {}, {}
+  for p in chosen:
+    target = f"{into}/{p}"
+    if target not in targets:
+      raise ValueError(f"config.{key}: checkpoint variable {p!r} has no counterpart {target!r} in "
+                       f"this model (into={into!r}); narrow `include`/`exclude` or fix `into`. "
+                       f"Model paths include {sorted(targets)[:8]}")
+    src_path, m = source[p]
+    first = targets[target][0]
+    if tuple(m.shape) != tuple(first[2].shape):
+      raise ValueError(f"config.{key}: {p!r} has shape {tuple(m.shape)} in {ckpt.directory}/{step} "
+                       f"but {tuple(first[2].shape)} at {target!r} in this model")
+    sds = jax.ShapeDtypeStruct(first[2].shape, first[2].dtype,
+                               sharding=flat_shardings[(first[0], first[1])])
+    _set_nested(request, src_path, sds)
+    placed[p] = (src_path, targets[target])
+  loaded = ckpt.restore_partial(request, step)
+  ckpt.close()
+
+  values = {}
+  for p, (src_path, dests) in placed.items():
+    value = _get_nested(loaded, src_path)
+    for i, (part, path, _) in enumerate(dests):
+      # params and ema get their own buffers: the train step donates both.
+      values[(part, path)] = value if i == 0 else _copy(value)
+  out = dict(state)
+  for part in ("params", "frozen", "rest", "ema", "aux"):
+    out[part] = jax.tree_util.tree_map_with_path(
+        lambda path, x, part=part: values.get((part, path), x), state[part])
+  n = sum(int(np.prod(source[p][1].shape)) for p in chosen)
+  logging.info("config.%s: loaded %d arrays (%.3fM values) from %s step %d into %s: %s",
+               key, len(chosen), n / 1e6, entry.workdir, step, into, _summary(chosen))
+  return out
+
+
+_copy = jax.jit(jnp.copy)
+
+
+def _leaves(state) -> dict:
+  """{(part, key path): leaf} over the model and aux parts of a train state (or its shardings)."""
+  return {(part, path): x for part in ("params", "ema", "frozen", "rest", "aux")
+          for path, x in jax.tree_util.tree_flatten_with_path(state[part])[0]}
+
+
+def _summary(paths: list[str], limit: int = 12) -> str:
+  return ", ".join(paths[:limit]) + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def _key(k):
+  if isinstance(k, jax.tree_util.DictKey):
+    return k.key
+  if isinstance(k, jax.tree_util.SequenceKey):
+    return k.idx
+  return k.name
+
+
+def _set_nested(tree: dict, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(_key(k), {})
+  tree[_key(path[-1])] = value
+
+
+def _get_nested(tree, path):
+  for k in path:
+    tree = tree[_key(k)]
+  return tree
 
 
 # ============================================================================= main loop
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` on `config.data` in `workdir`, resuming from its last checkpoint."""
-  # ------------------------------------------------------------------ setup
+  # ------------------------------------------------------------------ mesh + setup
   workdir = os.path.abspath(workdir)
   mesh = sharding.make_mesh(dict(config.mesh))  # Validated before anything is written.
   os.makedirs(workdir, exist_ok=True)
   logging.info("Mesh %s on %d devices (%s).", dict(mesh.shape), mesh.size, jax.default_backend())
+  facts = pipeline.facts(config.data)
   writer = writers.create(os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0,
-                          video_fps=config.data.synthdyad.fps)
+                          video_fps=facts["fps"])
   num_steps = int(config.train.num_steps)
-  base_rng = jax.random.key(config.seed)
-
-  # ------------------------------------------------------------------ data
-  train_iter = pipeline.make(config.data, "train", seed=config.seed)
-
-  # ------------------------------------------------------------------ model + state
-  system = registry.get(config.model.name)(config.model)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=config.train.max_checkpoints)
   resume_step = ckpt.latest_step()
-  stats = None
-  if resume_step is None and hasattr(system, "fit_stats"):
-    # A separate iterator, so fitting statistics never consumes training batches.
-    stats_iter = pipeline.make(config.data, "train", seed=config.seed + 1)
-    stats = system.fit_stats([next(stats_iter) for _ in range(config.train.stats_batches)])
-  tx, schedule = make_optimizer(config.optim, num_steps)
-  graphdef, state, shardings = create_state(system, config, mesh, stats, tx)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  logging.info("%s: %.2fM parameters.", config.model.name, n_params / 1e6)
-  if resume_step is not None:
-    abstract = checkpointing.abstract_like(state, shardings)
-    state = ckpt.restore(abstract, train_iter)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, resume_step)
-  first_step = int(state["step"])
+  # A resumed run restores everything, so it neither fits statistics nor loads init_from.
+  # (Built outside the mesh context: NNX would read logical axis names as mesh axes there.)
+  fresh = resume_step is None
+  s = setup(config, mesh, fit=fresh, init_from=fresh, abstract=not fresh)
+  logging.info("%s: %s parameters (M).", config.model.name,
+               {k: round(v / 1e6, 3) for k, v in s.num_params.items()})
+  with use_mesh(mesh):
+    # ---------------------------------------------------------------- data
+    train_iter = pipeline.make(config.data, "train", keys=s.system.data_spec().keys,
+                               seed=config.seed)
+    state = s.state
+    if not fresh:
+      state = ckpt.restore(state, train_iter)
+      logging.info("Resumed from %s at step %d.", ckpt.directory, resume_step)
+    first_step = int(state["step"])
 
-  # ------------------------------------------------------------------ step function
-  batch_sharding = lambda b: jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), b)
-  step_fn = make_train_step(system, graphdef, tx, schedule, config.optim.ema_decay, base_rng)
-  train_step = jax.jit(step_fn, donate_argnums=0,
-                       out_shardings=(shardings, sharding.replicated(mesh)))
+    # ---------------------------------------------------------------- loop
+    progress = writers.progress(num_steps, writer, first_step=first_step,
+                                bar=config.train.progress_bar and jax.process_index() == 0)
+    pending, last_good = [], resume_step
 
-  # ------------------------------------------------------------------ loop
-  progress = writers.progress(num_steps, writer, first_step=first_step,
-                              bar=config.train.progress_bar and jax.process_index() == 0)
-  pending, last_good = [], resume_step
-  sampler = _Sampler(system, config, workdir, writer)
+    def check_finite():
+      for step, m in pending:
+        if float(m["nonfinite"]) > 0:
+          ckpt.wait()
+          kept = (f"the last good checkpoint (step {last_good}) in {ckpt.directory} is intact"
+                  if last_good is not None else "no checkpoint had been written yet")
+          raise NonFiniteLossError(
+              f"loss/gradients became NaN or Inf at step {step} (loss={float(m['loss'])}); "
+              f"training stopped; {kept}. Lower optim.lr or check the data of that step.")
 
-  def check_finite():
-    for s, m in pending:
-      if float(m["nonfinite"]) > 0:
-        ckpt.wait()
-        kept = (f"the last good checkpoint (step {last_good}) in {ckpt.directory} is intact"
-                if last_good is not None else "no checkpoint had been written yet")
-        raise NonFiniteLossError(
-            f"loss/gradients became NaN or Inf at step {s} (loss={float(m['loss'])}); training "
-            f"stopped; {kept}. Lower optim.lr or check the data of that step.")
-
-  t_start = time.monotonic()
-  for step in range(first_step + 1, num_steps + 1):
-    batch = pipeline.to_global(next(train_iter), mesh)
-    state, metrics = train_step(state, batch)
-    pending.append((step, metrics))
-    progress(step)
-    if step % config.train.log_every == 0 or step == num_steps:
-      check_finite()
-      summary = {k: float(np.mean([float(m[k]) for _, m in pending])) for k in pending[0][1]}
-      summary.pop("nonfinite")
-      writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-      pending = []
-    if step % config.train.ckpt_every == 0 or step == num_steps:
-      check_finite()
-      ckpt.save(step, state, train_iter, config)
-      last_good = step
-    if config.train.sample_every and (step % config.train.sample_every == 0 or step == num_steps):
-      sampler(step, model_from_state(graphdef, state))
-  progress.close()
-  ckpt.wait()
-  logging.info("Training done in %.1f s.", time.monotonic() - t_start)
-
-  # ------------------------------------------------------------------ final evaluation
-  results = {}
-  if config.eval.at_end and hasattr(system, "evaluate"):
-    results = system.evaluate(model_from_state(graphdef, state), config, workdir, writer=writer,
-                              step=num_steps)
+    t_start = time.monotonic()
+    for step in range(first_step + 1, num_steps + 1):
+      state, metrics = s.train_step(state, s.batch(next(train_iter)))
+      pending.append((step, metrics))
+      progress(step)
+      if step % config.train.log_every == 0 or step == num_steps:
+        check_finite()
+        summary = {k: float(np.mean([float(m[k]) for _, m in pending])) for k in pending[0][1]}
+        summary.pop("nonfinite")
+        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+        pending = []
+      if step % config.train.ckpt_every == 0 or step == num_steps:
+        check_finite()
+        ckpt.save(step, state, train_iter, config)
+        last_good = step
+    progress.close()
+    ckpt.wait()
+    logging.info("Training done in %.1f s.", time.monotonic() - t_start)
   writer.flush()
   ckpt.close()
-  return results
+  return {}
 
 
-class _Sampler:
-  """Periodic sample video (mp4 + TensorBoard) for systems that can render one."""
+# ============================================================================= restore
+def restore_model(workdir: str, *, ema: bool = True, mesh_shape: Mapping[str, int] | None = None,
+                  step: int | None = None):
+  """(system, model, config, step) from a checkpoint of a training workdir (default: the last).
 
-  def __init__(self, system, config, workdir, writer):
-    self.system, self.config, self.workdir, self.writer = system, config, workdir, writer
-
-  def __call__(self, step, model):
-    if not hasattr(self.system, "sample_video") or jax.process_index() > 0:
-      return
-    path = os.path.join(self.workdir, "samples", f"step_{step:07d}.mp4")
-    frames = self.system.sample_video(model, self.config, path, rng=jax.random.key(step))
-    self.writer.write_videos(step, {"sample": frames})
-    logging.info("Wrote sample video %s", path)
-
-
-def restore_model(workdir: str, *, ema: bool = True, mesh_shape=None):
-  """(system, model, config, step) from the last checkpoint of a training workdir.
-
-  The config is the one saved with the checkpoint; the model is laid out on `mesh_shape`
-  (default: all local devices on `data`, i.e. parameters replicated).
+  Restores only the model's weights (EMA or raw trainable params, frozen params, non-Param
+  variables) — never the optimiser state — laid out by the rules table on a mesh of `mesh_shape`
+  (default: all local devices on `data`, i.e. replicated; pass e.g. {"fsdp": -1} to shard a
+  large model's parameters instead).
   """
   ckpt = checkpointing.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"))
-  step = ckpt.latest_step()
+  step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first "
                             f"(python -m avatar_jax.train --config ... --workdir {workdir})")
   config = ckpt.restore_config(step)
   mesh = sharding.make_mesh(dict(mesh_shape or {"data": -1}))
-  system = registry.get(config.model.name)(config.model)
-  tx, _ = make_optimizer(config.optim, int(config.train.num_steps))
-  graphdef, params, rest = build_abstract(system, config, None)
-  abstract = jax.eval_shape(lambda p, r: new_state(p, r, tx), params, rest)
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  state = ckpt.restore(checkpointing.abstract_like(abstract, shardings), step=step)
+  s = setup(config, mesh, fit=False, init_from=False, abstract=True)
+  weights = "ema" if ema else "params"
+  want = {k: s.state[k] for k in (weights, "frozen", "rest") if jax.tree.leaves(s.state[k])}
+  got = ckpt.restore_partial(want, step)
   ckpt.close()
-  return system, model_from_state(graphdef, state, ema=ema), config, step
+  state = {**s.state, **got}   # what was not restored stays abstract and is not used
+  return s.system, model_from_state(s.graphdef, state, ema=ema), config, step

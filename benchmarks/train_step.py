@@ -4,8 +4,8 @@
     python -m benchmarks.train_step --config configs/quickstart.py:width=256,depth=8,batch=64 \
         --config.mesh.fsdp=4 --steps 50 --peak_tflops 989
 
-Builds exactly what `trainer.train_and_evaluate` builds (mesh, sharded state, the jitted step with
-donation and output shardings) on one real batch of the config's data, compiles it ahead of time
+Builds exactly what `trainer.train_and_evaluate` builds (`trainer.setup`: mesh, sharded state, the
+jitted step with donation and output shardings) on one real batch of the config's data, compiles it ahead of time
 (`jax.jit(...).lower(...).compile()`), then times `--steps` steps on that batch after `--warmup`
 untimed ones (input loading is measured separately by benchmarks/data_loader.py).
 
@@ -29,7 +29,6 @@ from ml_collections import config_flags
 
 from avatar_jax import sharding, trainer
 from avatar_jax.data import pipeline
-from avatar_jax.models import registry
 
 # Dense bf16 peak TFLOP/s per device, by jax `device_kind` prefix (vendor data sheets).
 PEAK_TFLOPS = {
@@ -75,32 +74,28 @@ def _cost(compiled) -> dict:
 def benchmark(config, *, steps: int, warmup: int, peak_tflops: float | None = None) -> dict:
   """Compiles and times the train step of `config`; returns the measured numbers."""
   mesh = sharding.make_mesh(dict(config.mesh))
-  system = registry.get(config.model.name)(config.model)
-  host_batch = next(pipeline.make(config.data, "train", seed=config.seed))
-  stats = system.fit_stats([host_batch]) if hasattr(system, "fit_stats") else None
-  tx, schedule = trainer.make_optimizer(config.optim, int(config.train.num_steps))
-  graphdef, state, shardings = trainer.create_state(system, config, mesh, stats, tx)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  batch = pipeline.to_global(host_batch, mesh)
-  step_fn = trainer.make_train_step(system, graphdef, tx, schedule, config.optim.ema_decay,
-                                    jax.random.key(config.seed))
-  jitted = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
+  s = trainer.setup(config, mesh)
+  n_params = s.num_params["trainable"]
+  batch = s.batch(next(pipeline.make(config.data, "train", keys=s.system.data_spec().keys,
+                                     seed=config.seed)))
+  state, jitted = s.state, s.train_step
 
-  t0 = time.perf_counter()
-  lowered = jitted.lower(state, batch)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  flops = float(_cost(compiled).get("flops", float("nan")))
+  with trainer.use_mesh(mesh):   # as in the trainer's loop
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    flops = float(_cost(compiled).get("flops", float("nan")))
 
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
-  t3 = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
-  t4 = time.perf_counter()
+    for _ in range(warmup):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    t3 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    t4 = time.perf_counter()
   if not np.isfinite(float(metrics["loss"])):
     logging.warning("the benchmarked step produced a non-finite loss")
 

@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.model.resolution = arg.res
   c.model.eval.clips = arg.eval_clips
 
+  c.init_from = config_lib.init_from()   # e.g. --config.init_from.workdir=runs/stage1
   c.optim = dict(lr=arg.lr, warmup_steps=200, end_lr_factor=0.01, b1=0.9, b2=0.999,
                  weight_decay=1e-4, clip_norm=1.0, ema_decay=arg.ema)
   c.train = dict(num_steps=arg.steps, log_every=100, ckpt_every=1000, sample_every=0,

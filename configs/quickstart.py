@@ -9,7 +9,8 @@ metrics table against two baselines (mean motion, shuffled audio). Rerunning res
 Should reach, on the test split: lip_corr >= 0.6, jaw_leak <= 0.05, in <= 10 minutes on 2 cores.
 
 Arguments (`--config configs/quickstart.py:steps=300,width=64`):
-  steps, width, depth, batch, attn (gaussian | global | frame), learn_sigma, eval_clips, seed.
+  steps, width, depth, batch, attn (gaussian | global | frame), learn_sigma, eval_clips, seed,
+  clip_frames, dtype (compute: float32 | bfloat16; float32 keeps CPU runs exact).
 """
 from avatar_jax import config_lib
 from avatar_jax.data import pipeline
@@ -18,7 +19,8 @@ from avatar_jax.models.motion import motion_dit
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=800, width=64, depth=2, batch=16, attn="gaussian",
-                             learn_sigma=True, eval_clips=32, seed=0, clip_frames=100)
+                             learn_sigma=True, eval_clips=32, seed=0, clip_frames=100,
+                             dtype="float32")
   c = config_lib.ml_collections.ConfigDict()
   c.seed = arg.seed
   c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
@@ -33,11 +35,12 @@ def get_config(arg=None):
 
   c.model = motion_dit.default_config()
   c.model.width, c.model.depth, c.model.heads = arg.width, arg.depth, 4
-  c.model.n_mels = c.data.features.n_mels
+  c.model.dtype = arg.dtype                 # parameters stay float32 (param_dtype)
   c.model.attention.mode = arg.attn
   c.model.attention.learn_sigma = arg.learn_sigma
   c.model.sample.steps = 10
 
+  c.init_from = config_lib.init_from()   # e.g. --config.init_from.workdir=runs/stage1
   c.optim = dict(lr=1e-3, warmup_steps=100, end_lr_factor=0.05, b1=0.9, b2=0.99,
                  weight_decay=1e-4, clip_norm=1.0, ema_decay=0.99)
   c.train = dict(num_steps=arg.steps, log_every=50, ckpt_every=200, sample_every=400,

@@ -63,7 +63,12 @@ def test_quickstart_arguments_reach_the_config():
   assert (c.model.width, c.model.depth, c.data.batch_size) == (48, 2, 16)
   assert c.model.attention.mode == "global" and c.model.attention.learn_sigma is False
   assert (c.eval.num_clips, c.seed, c.data.clip_frames) == (3, 5, 30)
-  assert c.model.n_mels == c.data.features.n_mels
+  # Data facts live in config.data only (the system derives them: pipeline.facts).
+  assert not {"n_mels", "fps", "mel_rate"} & set(c.model.keys())
+  assert (c.model.dtype, c.model.param_dtype) == ("float32", "float32")
+  bf16 = module.get_config("dtype=bfloat16").model
+  assert (bf16.dtype, bf16.param_dtype) == ("bfloat16", "float32")
+  assert c.init_from.workdir == "" and c.init_from.into == "model"
   default = module.get_config()
   assert default.model.attention.learn_sigma is True and default.model.attention.mode == "gaussian"
   # A bare name switches a boolean on.

@@ -1,6 +1,7 @@
 """Face reader: registry system, training signal, export/load, and the shipped checkpoint's accuracy."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -23,7 +24,7 @@ def tiny_batch(rng, b=2, t=3, res=16, c=10):
 
 
 def test_registered_and_trains():
-  system = registry.get("face_reader")(tiny_config())
+  system = registry.get("face_reader")(ml_collections.ConfigDict(dict(model=tiny_config())))
   assert isinstance(system, fr.FaceReaderSystem)
   rng = np.random.default_rng(0)
   batch = tiny_batch(rng)

@@ -34,42 +34,38 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 @pytest.fixture(scope="module")
-def setup():
-  """(config, system, stats, tx, schedule, host batches) of the tiny config."""
+def tiny():
+  """(config, stats, host batches) of the tiny config."""
   # No warmup, so the first step already updates parameters.
   config = harness.load_quickstart(**{"optim.warmup_steps": 0})
-  system = registry.get(config.model.name)(config.model)
-  it = pipeline.make(config.data, "train", seed=config.seed)
+  system = registry.get(config.model.name)(config)
+  it = pipeline.make(config.data, "train", keys=system.data_spec().keys, seed=config.seed)
   batches = [next(it) for _ in range(STEPS)]
-  stats = system.fit_stats(batches[:1])
-  tx, schedule = trainer.make_optimizer(config.optim, int(config.train.num_steps))
-  return config, system, stats, tx, schedule, batches
+  return config, system.fit_stats(batches[:1]), batches
+
+
+def _mesh(shape):
+  return sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(list(shape.values())))])
 
 
 _RUNS = {}
 
 
-def _train(setup, mesh_shape):
+def _train(tiny, mesh_shape):
   """STEPS sharded train steps on a mesh: (losses, initial state, final state, shardings).
 
   States are host copies; cached per mesh so that tests share one compilation.
   """
   key = tuple(sorted(mesh_shape.items()))
   if key not in _RUNS:
-    config, system, stats, tx, schedule, batches = setup
-    devices = jax.devices()[:int(np.prod(list(mesh_shape.values())))]
-    mesh = sharding.make_mesh(mesh_shape, devices=devices)
-    graphdef, state, shardings = trainer.create_state(system, config, mesh, stats, tx)
-    init = jax.device_get(state)
-    step_fn = trainer.make_train_step(system, graphdef, tx, schedule, config.optim.ema_decay,
-                                      jax.random.key(config.seed))
-    step = jax.jit(step_fn, donate_argnums=0, compiler_options=FAST_COMPILE,
-                   out_shardings=(shardings, sharding.replicated(mesh)))
+    config, stats, batches = tiny
+    s = trainer.setup(config, _mesh(mesh_shape), stats=stats, compiler_options=FAST_COMPILE)
+    state, init = s.state, jax.device_get(s.state)
     losses = []
     for b in batches:
-      state, metrics = step(state, pipeline.to_global(b, mesh))
+      state, metrics = s.train_step(state, s.batch(b))
       losses.append(float(metrics["loss"]))
-    _RUNS[key] = losses, init, jax.device_get(state), shardings
+    _RUNS[key] = losses, init, jax.device_get(state), s.shardings
   return _RUNS[key]
 
 
@@ -83,9 +79,9 @@ def _assert_trees_close(got, want, rtol, atol):
 
 
 @pytest.mark.parametrize("name", sorted(MESHES))
-def test_sharded_step_matches_one_device(setup, name):
-  losses, init, state, shardings = _train(setup, MESHES[name])
-  ref_losses, ref_init, ref_state, _ = _train(setup, {"data": 1})
+def test_sharded_step_matches_one_device(tiny, name):
+  losses, init, state, shardings = _train(tiny, MESHES[name])
+  ref_losses, ref_init, ref_state, _ = _train(tiny, {"data": 1})
   assert np.all(np.isfinite(losses)) and losses[0] > 0
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   _assert_trees_close(init, ref_init, rtol=0, atol=0)   # same initialisation on any mesh
@@ -114,9 +110,9 @@ def _batches_equal(a, b):
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
 
 
-def test_checkpoint_restores_onto_another_mesh(setup, tmp_path):
-  config, system, stats, tx, _, _ = setup
-  _, _, host_state, src_shardings = _train(setup, MESHES["data2_fsdp2_tensor2"])
+def test_checkpoint_restores_onto_another_mesh(tiny, tmp_path):
+  config, stats, _ = tiny
+  _, _, host_state, src_shardings = _train(tiny, MESHES["data2_fsdp2_tensor2"])
   state = jax.device_put(host_state, src_shardings)   # saved as laid out on the 2x2x2 mesh
   data = pipeline.make(config.data, "train", seed=config.seed)
   for _ in range(3):
@@ -127,11 +123,10 @@ def test_checkpoint_restores_onto_another_mesh(setup, tmp_path):
   expected_next = next(data)
 
   for target in ({"fsdp": 4, "tensor": 2}, {"data": 1}):
-    devices = jax.devices()[:int(np.prod(list(target.values())))]
-    mesh = sharding.make_mesh(target, devices=devices)
-    _, like, shardings = trainer.create_state(system, config, mesh, stats, tx)
+    s = trainer.setup(config, _mesh(target), stats=stats, abstract=True)
+    shardings = s.shardings
     fresh = pipeline.make(config.data, "train", seed=config.seed)
-    restored = ckpt.restore(checkpointing.abstract_like(like, shardings), fresh)
+    restored = ckpt.restore(s.state, fresh)
     for (path, got), want, shd in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
                                       jax.tree.leaves(state), jax.tree.leaves(shardings)):
       assert got.sharding.is_equivalent_to(shd, got.ndim), (target, jax.tree_util.keystr(path))

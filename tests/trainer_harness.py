@@ -28,7 +28,6 @@ OVERRIDES = {
     "data.split_sizes.test": 4,
     "data.split_sizes.ood": 2,
     "data.features.n_mels": 16,
-    "model.n_mels": 16,
     "model.sample.steps": 2,
     "optim.warmup_steps": 2,
     "train.log_every": 1,

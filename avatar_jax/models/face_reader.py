@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from avatar_jax.models import registry
+from avatar_jax import system as system_lib
 from avatar_jax.models.layers import dense, logical
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "evals", "assets",
@@ -139,30 +139,34 @@ def r2_scores(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
   return 1.0 - sse / np.maximum(sst, 1e-12)
 
 
-@registry.register("face_reader")
-class FaceReaderSystem:
+class System(system_lib.System):
   """Regression loss (standardised MSE), target statistics, R^2 evaluation and export."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
+    super().__init__(config)
+    self.cfg = config.model
+
+  def data_spec(self) -> system_lib.DataSpec:
+    keys = ("video", "motion_self") + (("reference_image",) if self.cfg.use_reference else ())
+    return system_lib.DataSpec(keys=keys)
 
   def build(self, *, rngs: nnx.Rngs, stats=None) -> FaceReader:
-    return FaceReader(self.config, rngs=rngs, stats=stats)
+    return FaceReader(self.cfg, rngs=rngs, stats=stats)
 
   def fit_stats(self, batches):
-    c = int(self.config.channels)
+    c = int(self.cfg.channels)
     m = np.concatenate([np.asarray(b["motion_self"])[..., :c].reshape(-1, c) for b in batches])
     # The floor keeps rare channels (blink in a few batches) from getting huge weights.
     return {"mean": m.mean(0).astype(np.float32), "std": np.maximum(m.std(0), 1e-2).astype(np.float32)}
 
-  def loss(self, model: FaceReader, batch, rng):
-    del rng
+  def loss(self, model: FaceReader, batch, rng, aux=None):
+    del rng, aux
     frames, ref, target = _frames_and_reference(batch)
-    target = (target[:, :self.config.channels] - model.mean[...]) / model.std[...]
+    target = (target[:, :self.cfg.channels] - model.mean[...]) / model.std[...]
     err = (model.normalized(frames, ref) - target) ** 2
     per_channel = err.mean(0)
     metrics = {"mse": per_channel.mean()}
-    for i, name in enumerate(_channel_names(self.config.channels)):
+    for i, name in enumerate(_channel_names(self.cfg.channels)):
       if name in REQUIRED_R2:
         metrics[f"mse_{name}"] = per_channel[i]
     return per_channel.mean(), metrics
@@ -175,7 +179,7 @@ class FaceReaderSystem:
     value is empty because the train entry point prints what `evaluate` returns as SynthDyad
     metric tables, which a face reader has none of.
     """
-    cfg = self.config
+    cfg = self.cfg
     acc = measure_accuracy(model, split=cfg.eval.split, clips=cfg.eval.clips,
                            resolution=cfg.resolution, seed=int(config.data.synthdyad.seed),
                            batch_frames=cfg.eval.batch_frames)
@@ -185,6 +189,9 @@ class FaceReaderSystem:
       writer.write_scalars(step, {f"eval/r2_{k}": v for k, v in acc["r2"].items()})
     logging.info("face reader R^2 on %s: %s; exported to %s", cfg.eval.split, acc["r2"], out_dir)
     return {}
+
+
+FaceReaderSystem = System
 
 
 def _channel_names(c: int) -> tuple[str, ...]:

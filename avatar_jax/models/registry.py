@@ -1,56 +1,40 @@
-"""Model registry: a system is a model file plus a config, never a trainer fork.
+"""Systems by name, without a central list: `config.model.name` is a module path.
 
-A *system* bundles what the trainer needs from a model family:
-
-    @registry.register("name")
-    class MySystem:
-      def __init__(self, config: ConfigDict)              # config.model
-      def build(self, *, rngs: nnx.Rngs, stats=None) -> nnx.Module
-      def loss(self, model, batch, rng) -> (scalar loss, {name: scalar})
-      def fit_stats(self, batches) -> pytree | None         # optional: data statistics, computed once
-      def generate(self, model, batch, rng, **options) -> {name: array}   # optional: sampling
-      def evaluate(self, model, config, rng) -> dict          # optional: end-of-training evaluation
-
-The trainer looks systems up by `config.model.name`; it contains no per-model branches.
+"motion.motion_dit" means `avatar_jax.models.motion.motion_dit`; a name that is not found there is
+imported as given, so user code ("mylab.models.big_dit") needs no edit here. The module exports a
+class `System`, a subclass of `avatar_jax.system.System` (the contract is documented there).
 """
 from __future__ import annotations
 
 import importlib
 
-_SYSTEMS: dict[str, type] = {}
-# Modules imported lazily on first lookup, so registering a system costs nothing at import.
-_MODULES = (
-    "avatar_jax.models.motion.motion_dit",
-    "avatar_jax.models.face_reader",
-)
+from avatar_jax import system as system_lib
+
+PACKAGE = "avatar_jax.models"
 
 
-def register(name: str):
-  def wrap(cls):
-    if name in _SYSTEMS and _SYSTEMS[name] is not cls:
-      raise ValueError(f"system {name!r} registered twice ({_SYSTEMS[name]} and {cls})")
-    _SYSTEMS[name] = cls
+def _import(path: str):
+  """The module at `path`, or None when `path` itself does not exist (its own import errors raise)."""
+  try:
+    return importlib.import_module(path)
+  except ModuleNotFoundError as e:
+    if e.name is not None and (path == e.name or path.startswith(e.name + ".")):
+      return None
+    raise
+
+
+def get(name: str) -> type[system_lib.System]:
+  """The `System` class of the module named by `config.model.name`."""
+  tried = [f"{PACKAGE}.{name}", name]
+  for path in tried:
+    module = _import(path)
+    if module is None:
+      continue
+    cls = getattr(module, "System", None)
+    if not (isinstance(cls, type) and issubclass(cls, system_lib.System)):
+      raise TypeError(f"config.model.name={name!r}: module {path} must export `System`, a subclass "
+                      f"of avatar_jax.system.System; found {cls!r}")
     return cls
-  return wrap
-
-
-def _load_all():
-  for mod in _MODULES:
-    try:
-      importlib.import_module(mod)
-    except ModuleNotFoundError as e:
-      if e.name != mod:  # A real import error inside an existing module must surface.
-        raise
-
-
-def get(name: str) -> type:
-  if name not in _SYSTEMS:
-    _load_all()
-  if name not in _SYSTEMS:
-    raise KeyError(f"config.model.name={name!r} is not a registered system; known: {sorted(_SYSTEMS)}")
-  return _SYSTEMS[name]
-
-
-def names() -> list[str]:
-  _load_all()
-  return sorted(_SYSTEMS)
+  raise KeyError(f"config.model.name={name!r}: no module {' or '.join(tried)}; expected a dotted "
+                 f"path under {PACKAGE} (e.g. 'motion.motion_dit') or an importable module that "
+                 "exports `System`")

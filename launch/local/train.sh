@@ -64,7 +64,7 @@ for ((i = 0; i < PROCS; i++)); do
   else
     visible=""
   fi
-  CUDA_VISIBLE_DEVICES=${visible} AVATAR_PROCESS_ID=${i} "${TRAIN[@]}" > >(sed "s/^/[${i}] /") 2>&1 &
+  CUDA_VISIBLE_DEVICES=${visible} AVATAR_PROCESS_ID=${i} "${TRAIN[@]}" > >(sed -u "s/^/[${i}] /") 2>&1 &
   pids+=($!)
 done
 status=0
