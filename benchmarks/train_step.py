@@ -79,6 +79,7 @@ def benchmark(config, *, steps: int, warmup: int, peak_tflops: float | None = No
   batch = s.batch(next(pipeline.make(config.data, "train", keys=s.system.data_spec().keys,
                                      seed=config.seed)))
   state, jitted = s.state, s.train_step
+  impls = attention_implementations(s.model(state), config)
 
   with trainer.use_mesh(mesh):   # as in the trainer's loop
     t0 = time.perf_counter()
@@ -114,7 +115,23 @@ def benchmark(config, *, steps: int, warmup: int, peak_tflops: float | None = No
       step_ms=1000 * step_s, steps_per_s=1.0 / step_s,
       examples_per_s=config.data.batch_size / step_s, gflops_per_device_step=flops / 1e9,
       tflops_per_device=achieved, peak_tflops=peak, peak_source=peak_source,
-      mfu=achieved / peak)
+      mfu=achieved / peak, attention=impls)
+
+
+def attention_implementations(model, config) -> str:
+  """Which Gaussian-attention backend the model's attention layers resolve to in this step
+  (per-device batch; self-attention over the clip's frames, cross-attention to its audio)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from avatar_jax.models import attention  # pylint: disable=g-import-not-at-top
+  layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, attention.TimeAttention)]
+  if not layers:
+    return "none"
+  b = max(1, int(config.data.batch_size) // jax.device_count())
+  n = int(config.data.clip_frames)
+  found = sorted({l.implementation_for(b, n, n) for l in layers}
+                 | {l.implementation_for(b, n, 2 * n) for l in layers})
+  dtype = layers[0].dtype or "float32"
+  return f"{', '.join(found)} ({jax.numpy.dtype(dtype).name}, head dim {layers[0].head_dim})"
 
 
 def format_table(r: dict) -> str:
@@ -129,17 +146,20 @@ def format_table(r: dict) -> str:
       ("GFLOP / step / device (XLA cost analysis)", f"{r['gflops_per_device_step']:.3f}"),
       ("achieved TFLOP/s / device", f"{r['tflops_per_device']:.4f}"),
       ("MFU (peak TFLOP/s / device)", mfu),
+      ("attention implementation", r["attention"]),
   ]
   return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
 def _define_flags():
   """CLI flags, defined only when run as a program (the module is also a library)."""
-  global _CONFIG, _STEPS, _WARMUP, _PEAK
+  global _CONFIG, _STEPS, _WARMUP, _PEAK, _VS_XLA
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:args]).",
                                             lock_config=True)
   _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
   _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  _VS_XLA = flags.DEFINE_bool("vs_xla", False, "Also time the step with the attention forced to "
+                               "implementation='xla' (the unfused reference) and print both.")
   _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (default: the table "
                              "of known accelerators, else a measured float32 matmul).")
   flags.mark_flags_as_required(["config"])
@@ -153,6 +173,16 @@ def main(argv):
   print(f"Train step, {when}, {platform.node()} ({platform.processor() or platform.machine()}), "
         f"jax {jax.__version__}, {jax.default_backend()}\n")
   print(format_table(r))
+  if _VS_XLA.value:
+    import copy  # pylint: disable=g-import-not-at-top
+    config = copy.deepcopy(_CONFIG.value)
+    with config.unlocked():
+      config.model.attention.implementation = "xla"
+    x = benchmark(config, steps=_STEPS.value, warmup=_WARMUP.value, peak_tflops=_PEAK.value)
+    print(f"\n| attention | step ms | steps/s |\n|---|---|---|\n"
+          f"| {r['attention']} | {r['step_ms']:.2f} | {r['steps_per_s']:.1f} |\n"
+          f"| {x['attention']} | {x['step_ms']:.2f} | {x['steps_per_s']:.1f} |\n"
+          f"speed-up of the configured attention over xla: {x['step_ms'] / r['step_ms']:.2f}x")
 
 
 if __name__ == "__main__":

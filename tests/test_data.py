@@ -252,10 +252,12 @@ def _assert_batches_equal(a, b):
 
 def test_worker_count_does_not_change_batches_and_state_resumes(tmp_path):
   c = _small_config()
-  ref_it = pipeline.make(c, "train", seed=1, shard_index=0, shard_count=1)
+  keys = ("mel_self", "motion_partner", "flame56_self")
+  ref_it = pipeline.make(c, "train", keys=keys, seed=1, shard_index=0, shard_count=1)
   ref = [next(ref_it) for _ in range(4)]
   c.worker_count = 2
-  it = pipeline.make(c, "train", seed=1, shard_index=0, shard_count=1)
+  c.synthdyad.cache = True  # filled over 2 processes, then shipped to the 2 prefetch workers
+  it = pipeline.make(c, "train", keys=keys, seed=1, shard_index=0, shard_count=1)
   try:
     got = [next(it) for _ in range(2)]
     state = it.get_state()
@@ -499,3 +501,167 @@ def test_build_command_line(tmp_path):
   assert len(src) == 2 and "video" not in src[0]
   gen_cfg = dataclasses.replace(sd.regime_for("train"), resolution=32, duration_s=2.0)
   _assert_same_sample(src[1], sd.make_sample("train", 1, config=gen_cfg, render=False), "cli[1]")
+
+
+# ============================================================================== keys, facts, registry
+from avatar_jax.data import sources  # noqa: E402
+
+_BOOKKEEPING = {"example_index", "clip_start", "identity_self", "identity_partner"}
+
+
+def test_keys_produce_only_what_is_asked_and_compute_nothing_else(monkeypatch):
+  c = _small_config()
+  full = next(pipeline.make(c, "train", seed=7, shard_index=0, shard_count=1))
+  # No mel key asked: the log-mel front end must not run at all.
+  monkeypatch.setattr(features, "log_mel", lambda *a, **k: pytest.fail("log_mel was computed"))
+  got = next(pipeline.make(c, "train", keys=("motion_self", "speaking_partner"), seed=7,
+                           shard_index=0, shard_count=1))
+  assert set(got) == {"motion_self", "speaking_partner"} | _BOOKKEEPING
+  for k in got:  # same windows as the default keys for the same seed
+    np.testing.assert_array_equal(got[k], full[k], err_msg=k)
+  monkeypatch.undo()
+  mel = next(pipeline.make(c, "train", keys=("mel_partner",), seed=7, shard_index=0,
+                           shard_count=1))
+  assert set(mel) == {"mel_partner"} | _BOOKKEEPING
+  np.testing.assert_array_equal(mel["mel_partner"], full["mel_partner"])
+
+
+def test_keys_without_video_never_render(monkeypatch):
+  c = _small_config()
+  c.synthdyad.render, c.synthdyad.resolution, c.batch_size = True, 32, 2
+  monkeypatch.setattr(sources.SynthDyadSource, "render_window",
+                      lambda *a, **k: pytest.fail("rendered without a video key"))
+  b = next(pipeline.make(c, "test", keys=("flame56_self", "audio_mix"), shuffle=False,
+                         shard_index=0, shard_count=1))
+  assert b["audio_mix"].shape == (2, 20 * 640) and "video" not in b
+  monkeypatch.undo()
+  v = next(pipeline.make(c, "test", keys=("partner_video",), shuffle=False, shard_index=0,
+                         shard_count=1))
+  assert set(v) == {"partner_video"} | _BOOKKEEPING
+  assert v["partner_video"].shape == (2, 20, 32, 32, 3)
+  _assert_window_matches_generator({**v, **b, **next(pipeline.make(
+      c, "test", shuffle=False, shard_index=0, shard_count=1))}, "test", c, keys=("partner_video",))
+
+
+def test_unknown_keys_are_a_clear_error():
+  c = _small_config()
+  with pytest.raises(ValueError, match=r"cannot produce batch keys \['latent', 'video'\].*"
+                     r"render is False.*it has \[.*'mel_mix'.*'motion_self'"):
+    pipeline.make(c, "train", keys=("motion_self", "video", "latent"), shard_index=0,
+                  shard_count=1)
+
+
+def test_facts_come_from_the_data_config():
+  c = pipeline.default_config()
+  assert pipeline.facts(c) == dict(fps=25, mel_rate=50.0, n_mels=80, sample_rate=16000)
+  c.features.n_mels, c.features.hop_length = 40, 160
+  c.synthdyad.fps = 50
+  assert pipeline.facts(c) == dict(fps=50, mel_rate=100.0, n_mels=40, sample_rate=16000)
+  c.source = "tfds"
+  c.tfds.fps = 30
+  assert pipeline.facts(c)["fps"] == 30
+  c.source = "synthdyad"
+  c.synthdyad.sample_rate = 22050
+  with pytest.raises(ValueError, match="features.sample_rate=16000 but source 'synthdyad' has "
+                     "audio at 22050 Hz"):
+    pipeline.facts(c)
+
+
+def test_source_registry():
+  c = _small_config(source="nope")
+  with pytest.raises(ValueError, match=r"'nope' is not a registered source; registered: "
+                     r"\['arrays', 'synthdyad', 'tfds'"):
+    pipeline.make(c, "train", shard_index=0, shard_count=1)
+
+  @sources.register("ramp")
+  class Ramp:
+    """5 examples of 30 frames: flame56 = example index + frame / 100."""
+    keys = ("flame56_self", "flame56_partner")
+
+    @classmethod
+    def from_config(cls, config, split, keys=None):
+      return cls()
+
+    @classmethod
+    def rates(cls, config):
+      return 25, 16000
+
+    def __len__(self):
+      return 5
+
+    def num_frames(self, i):
+      return 30
+
+    def fetch(self, i, keys=None):
+      x = np.broadcast_to((i + np.arange(30) / 100)[:, None], (30, 56)).astype(np.float32)
+      return {"flame56_self": x, "flame56_partner": -x}
+
+  try:
+    c = _small_config(source="ramp", mel_streams=(), clip_frames=10, batch_size=5)
+    b = next(pipeline.make(c, "train", seed=0, shard_index=0, shard_count=1))
+    assert sorted(b["example_index"]) == list(range(5)) and (b["identity_self"] == -1).all()
+    want = b["example_index"][:, None] + (b["clip_start"][:, None] + np.arange(10)) / 100
+    np.testing.assert_allclose(b["flame56_self"][..., 0], want, rtol=1e-6)
+    with pytest.raises(ValueError, match="already registered"):
+      sources.register("ramp")(dict)
+  finally:
+    sources._SOURCES.pop("ramp")
+
+
+# ===================================================================================== device prefetch
+def test_prefetch_to_device_keeps_order_and_checkpoints_the_consumed_position(tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  mesh = jax.make_mesh((8,), ("data",))
+  c = _small_config(batch_size=8)
+  c.split_sizes.train = 16
+  keys = ("motion_self", "mel_self")
+  plain = pipeline.make(c, "train", keys=keys, seed=5, shard_index=0, shard_count=1)
+  want, states = [], [plain.get_state()]
+  for _ in range(6):
+    want.append(next(plain))
+    states.append(plain.get_state())
+
+  it = pipeline.prefetch_to_device(
+      pipeline.make(c, "train", keys=keys, seed=5, shard_index=0, shard_count=1), mesh, size=3)
+  got = [next(it) for _ in range(2)]
+  import time
+  time.sleep(0.5)  # let the thread run 3 batches ahead
+  assert it.get_state() == states[2]  # the next batch to consume, not the prefetched ones
+  mgr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",))
+  mgr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  mgr.wait_until_finished()
+  got += [next(it) for _ in range(2)]
+  for g, w in zip(got, want):
+    assert isinstance(g["mel_self"], jax.Array) and len(g["mel_self"].sharding.device_set) == 8
+    _assert_batches_equal({k: np.asarray(v) for k, v in g.items()}, w)
+  it.set_state(states[1])  # rewind: prefetched batches are dropped
+  _assert_batches_equal({k: np.asarray(v) for k, v in next(it).items()}, want[1])
+  it.close()
+
+  fresh = pipeline.prefetch_to_device(
+      pipeline.make(c, "train", keys=keys, seed=5, shard_index=0, shard_count=1), mesh)
+  mgr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  for w in want[2:5]:
+    _assert_batches_equal({k: np.asarray(v) for k, v in next(fresh).items()}, w)
+  fresh.close()
+  mgr.close()
+
+
+def test_prefetch_to_device_ends_and_reraises():
+  mesh = jax.make_mesh((8,), ("data",))
+  c = _small_config(batch_size=8)
+  c.split_sizes.test = 8
+  c.synthdyad.duration_s = 0.8  # 20 frames: one window each
+  it = pipeline.prefetch_to_device(pipeline.make(c, "test", shuffle=False, num_epochs=1,
+                                                 shard_index=0, shard_count=1), mesh)
+  assert len(list(it)) == 1
+  with pytest.raises(StopIteration):
+    next(it)
+  c.batch_size = 6  # 6 rows over 8 devices: to_global fails in the thread, raised here
+  bad = pipeline.prefetch_to_device(pipeline.make(c, "test", shuffle=False, num_epochs=1,
+                                                  shard_index=0, shard_count=1), mesh)
+  with pytest.raises(ValueError, match="divisible"):
+    next(bad)
+  bad.close()

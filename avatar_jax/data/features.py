@@ -24,6 +24,7 @@ import functools
 import math
 
 import numpy as np
+import scipy.fft
 import scipy.signal
 
 
@@ -161,14 +162,16 @@ def log_mel(audio: np.ndarray, cfg: MelConfig = MelConfig()) -> np.ndarray:
     )
   if num_frames(audio.shape[-1], cfg) == 0:
     return np.zeros(audio.shape[:-1] + (0, cfg.n_mels), np.float32)
+  # float32 end to end: scipy's FFT keeps complex64 (numpy's upcasts to complex128), and a matmul
+  # of two float32 operands goes to BLAS (mixed dtypes fall back to a slow loop); ~10x faster.
   frames = _frames(audio.astype(np.float32), cfg) * _window(cfg.win_length, cfg.n_fft).astype(
       np.float32
   )
-  spec = np.fft.rfft(frames, n=cfg.n_fft, axis=-1)
-  power = spec.real**2 + spec.imag**2
+  spec = scipy.fft.rfft(frames, n=cfg.n_fft, axis=-1)
+  power = np.square(spec.real) + np.square(spec.imag)
   fb = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
   mel = power @ fb.astype(np.float32)
-  return np.log(mel + cfg.log_floor).astype(np.float32)
+  return np.log(mel + np.float32(cfg.log_floor), dtype=np.float32)
 
 
 def mel_times(n: int, rate: float = 50.0) -> np.ndarray:

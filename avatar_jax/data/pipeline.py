@@ -1,30 +1,44 @@
-"""Grain input pipeline: source -> shard -> shuffle -> window -> log-mel -> batch -> prefetch.
+"""Grain input pipeline: source -> shard -> shuffle -> batch of indices -> windows -> prefetch.
 
-`make(config, split, seed=...)` returns a Grain `DatasetIterator` of host-local NumPy batch dicts;
-`to_global(batch, mesh)` turns one into globally sharded `jax.Array`s.
+`make(config, split, keys=..., seed=...)` returns a Grain `DatasetIterator` of host-local NumPy
+batch dicts; `to_global(batch, mesh)` turns one into globally sharded `jax.Array`s and
+`prefetch_to_device(iterator, mesh)` does that ahead of time in a background thread.
+`facts(config)` gives the data's rates (fps, mel rate, n_mels, sample rate) to model code.
 
-Everything up to and including batching is a `grain.MapDataset` chain, so each batch is a pure
+The chain is a `grain.MapDataset` up to and including the windows, so each batch is a pure
 function of (config, split, seed, shard, step): multi-process prefetch (`worker_count > 0`) slices
 whole batches across workers and reads them back in order, which makes the output independent of
 the worker count, and the iterator state is a position that `get_state()/set_state()` and Grain's
 Orbax handler (`grain.checkpoint.CheckpointHandler`) save and restore exactly.
 
-Per-example keys of a batch (leading batch dim `B = batch_size // shard_count` omitted; `T` =
-`clip_frames` video frames, `Ta = T * mel_rate / fps` mel frames, `S = T * sample_rate / fps`):
+Batches are made from *clips*: each example's requested keys prepared once over the whole clip
+(log-mels included), optionally kept in memory (`synthdyad.cache`). A window is then a slice of
+every key at its own rate, so a batch costs a few NumPy copies. Per-example keys of a batch
+(leading batch dim `B = batch_size // shard_count` omitted; `T` = `clip_frames` video frames,
+`Ta = T * mel_rate / fps` mel frames, `S = T * sample_rate / fps`):
 
   flame56_self, flame56_partner    float32 [T, 56]
   motion_self, motion_partner      float32 [T, C]          (SynthDyad sources)
-  mel_<stream> (self, partner)     float32 [Ta, n_mels]   (`config.mel_streams`)
+  mel_<stream>                     float32 [Ta, n_mels]    stream: self, partner, background, mix
   speaking_self, speaking_partner  bool    [T]              (SynthDyad sources)
+  video, partner_video             uint8   [T, H, W, 3]     reference_image uint8 [H, W, 3]
+  audio_<stream>                   float32 [S]
+  bookkeeping, always present:
   identity_self, identity_partner  int32   []               (-1 where the source has none)
   clip_start, example_index        int32   []   window start frame / source example index
-  optional (`config.keep_keys`): video, partner_video uint8 [T, H, W, 3], reference_image uint8
-  [H, W, 3], audio_self / audio_partner / audio_background / audio_mix float32 [S].
+An `arrays` source adds whatever its encoder wrote (`data/arrays.py`), each at its declared rate.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import dataclasses
+import math
+import multiprocessing
+import queue
+import time
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,7 +49,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from avatar_jax import sharding as sharding_lib
+from avatar_jax.data import arrays as _arrays  # pylint: disable=unused-import  (registers 'arrays')
 from avatar_jax.data import features as features_lib
+from avatar_jax.data import sources as sources_lib
+from avatar_jax.data.sources import SynthDyadSource, TfdsSource, make_source  # noqa: F401  re-exported
 
 OPTIONAL_KEYS = (
     "video",
@@ -46,27 +64,18 @@ OPTIONAL_KEYS = (
     "audio_background",
     "audio_mix",
 )
-_AUDIO_KEYS = ("audio_self", "audio_partner", "audio_background", "audio_mix")
-_REQUIRED_KEYS = ("flame56_self", "flame56_partner")
-_VIDEO_KEYS = ("video", "partner_video")
-_ALWAYS_KEYS = (  # whenever the source has them
-    "motion_self",
-    "motion_partner",
-    "flame56_self",
-    "flame56_partner",
-    "speaking_self",
-    "speaking_partner",
-)
-_FRAME_KEYS = _ALWAYS_KEYS + _VIDEO_KEYS  # [T, ...] per video frame; windowed with the clip.
+BOOKKEEPING_KEYS = ("example_index", "clip_start", "identity_self", "identity_partner")
+STREAMS = ("self", "partner", "background", "mix")
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The data fields every training config embeds as `config.data`."""
   c = ml_collections.ConfigDict()
-  # 'synthdyad': the generator, on the fly, through a grain RandomAccessDataSource.
-  # 'tfds': a prepared TFDS dataset (ArrayRecord), read without TensorFlow.
+  # A name registered in data/sources.py: 'synthdyad' (the generator, on the fly), 'tfds' (a
+  # prepared TFDS dataset, read without TensorFlow), 'arrays' (pre-encoded clips, data/arrays.py).
   c.source = "synthdyad"
-  c.tfds = ml_collections.ConfigDict(dict(name="synthdyad", data_dir=None))
+  c.tfds = ml_collections.ConfigDict(dict(name="synthdyad", data_dir=None, fps=25))
+  c.arrays = ml_collections.ConfigDict(dict(dir=""))  # written by `python -m avatar_jax.encode`
   c.split_sizes = ml_collections.ConfigDict(dict(train=4096, test=128, ood=128))
   c.synthdyad = ml_collections.ConfigDict(
       dict(
@@ -76,14 +85,20 @@ def default_config() -> ml_collections.ConfigDict:
           resolution=64,
           render=True,  # False: no video keys (motion/audio models); generation is then cheaper
           seed=0,  # generator seed (the dataset), distinct from the shuffle seed
-          cache=False,  # keep generated audio/motion in memory (per process); video is rendered per window
+          cache=False,  # the same as config.data.cache, for this source
+
       )
   )
+  # Prepare this host's clips (requested keys, whole-clip log-mels) once, when the iterator is
+  # made, over max(1, worker_count) processes, and keep them in memory: batches are then slices.
+  # SynthDyad video is still rendered per window.
+  c.cache = False
   c.clip_frames = 50  # training window, video frames (2 s at 25 fps); 0 = whole clip
   c.eval_windows = "tile"  # eval: 'tile' (consecutive non-overlapping windows) or 'full' clip
   c.batch_size = 8  # global; each of `shard_count` hosts gets batch_size // shard_count
   c.features = ml_collections.ConfigDict(dataclasses.asdict(features_lib.MelConfig()))
-  c.mel_streams = ("self", "partner")  # mel_<s> from audio_<s>; 'background' and 'mix' also work
+  # Used only when `make` gets no `keys` (a system's data spec names its keys instead):
+  c.mel_streams = ("self", "partner")  # mel_<s> from audio_<s>
   c.keep_keys = ()  # optional keys to keep, from OPTIONAL_KEYS (e.g. ('video', 'reference_image'))
   c.worker_count = 0  # >0: that many prefetch processes (results do not depend on it)
   c.prefetch = 2  # batches buffered per worker process
@@ -92,269 +107,106 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-# ======================================================================================= sources
-class SynthDyadSource:
-  """Grain random-access source over the SynthDyad generator: `source[i]` is sample `i`.
+# ========================================================================================= facts
+def facts(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Data facts model code needs, from `config.data` (never copied into model configs).
 
-  Deterministic in (split, seed, index). `source[i]` is exactly `make_sample(split, i, ...)`.
-  The pipeline instead calls `get(i, render=False)` and renders only the frames of its window
-  (`render_window`), which gives the same pixels as slicing the full render at a fraction of the
-  cost. With `cache=True` the motion/audio part of each sample stays in memory, per process (each
-  prefetch worker fills its own cache; the cache is not pickled).
+  fps and sample_rate are what the source declares (`rates`): SynthDyad `synthdyad.fps` /
+  `synthdyad.sample_rate`; TFDS `tfds.fps` / `features.sample_rate` (each example's own fps and
+  sample_rate are checked against them); arrays: its metadata. mel_rate and n_mels come from
+  `config.features` (for arrays, checked against the features it was encoded with).
+
+  Returns:
+    dict(fps=int, mel_rate=float mel frames/s, n_mels=int, sample_rate=int).
   """
-
-  def __init__(
-      self,
-      split: str,
-      size: int,
-      *,
-      seed: int = 0,
-      duration_s: float | None = None,
-      fps: int = 25,
-      sample_rate: int = 16000,
-      resolution: int = 64,
-      render: bool = True,
-      cache: bool = False,
-  ):
-    if size <= 0:
-      raise ValueError(f"SynthDyad split {split!r} needs a positive size, got {size}.")
-    self.split = split
-    self.size = int(size)
-    self.seed = int(seed)
-    self.render = bool(render)
-    self.cache = bool(cache)
-    self.config_kwargs = dict(
-        fps=int(fps),
-        sample_rate=int(sample_rate),
-        resolution=int(resolution),
-    )
-    if duration_s is not None:
-      self.config_kwargs["duration_s"] = float(duration_s)
-    self._cache: dict[int, dict[str, Any]] = {}
-
-  def __len__(self) -> int:
-    return self.size
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_cache"] = {}
-    return state
-
-  def __repr__(self) -> str:
-    return (
-        f"SynthDyadSource(split={self.split!r}, size={self.size}, seed={self.seed}, "
-        f"render={self.render}, {self.config_kwargs})"
-    )
-
-  def generator_config(self):
-    """The split's regime (ood: faster speech, longer clips) with this source's overrides."""
-    from avatar_jax.data.synthdyad import generator as sd  # pylint: disable=g-import-not-at-top
-
-    return dataclasses.replace(sd.regime_for(self.split), **self.config_kwargs)
-
-  def get(self, index: int, *, render: bool | None = None) -> dict[str, Any]:
-    """Sample `index`; `render=None` follows the source's `render` setting."""
-    index = int(index)
-    if not 0 <= index < self.size:
-      raise IndexError(f"SynthDyad {self.split!r} index {index} out of range [0, {self.size}).")
-    render = self.render if render is None else render
-    from avatar_jax.data.synthdyad import generator as sd  # pylint: disable=g-import-not-at-top
-
-    if not render and index in self._cache:
-      return self._cache[index]
-    sample = sd.make_sample(
-        self.split, index, seed=self.seed, config=self.generator_config(), render=render
-    )
-    if self.cache and not render:
-      self._cache[index] = sample
-    return sample
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.get(index)
-
-  def render_window(self, example: Mapping[str, Any], key: str, start: int, stop: int):
-    """Frames `[start, stop)` of `key` ('video', 'partner_video') or the 'reference_image'.
-
-    `example` is `get(i, render=False)`; rendering is per frame, so this equals
-    `get(i, render=True)[key][start:stop]`.
-    """
-    from avatar_jax.data.synthdyad import generator as sd  # pylint: disable=g-import-not-at-top
-    from avatar_jax.data.synthdyad import render as render_lib  # pylint: disable=g-import-not-at-top
-
-    if not self.render:
-      raise ValueError(f"{self!r} has render=False; it cannot provide {key!r}.")
-    who = "partner" if key == "partner_video" else "self"
-    config = self.generator_config()
-    ident = sd.identity_for(self.split, int(example[f"identity_{who}"]), self.seed, config)
-    if key == "reference_image":
-      return render_lib.reference_image(ident, config.resolution)
-    motion = np.asarray(example[f"motion_{who}"])[start:stop]
-    return render_lib.render(motion, ident, config.resolution)
+  source = sources_lib.get(config.source)
+  fps, sample_rate = source.rates(config)
+  mel = features_lib.mel_config_from(config.features)
+  if mel.sample_rate != sample_rate:
+    raise ValueError(
+        f"config.data.features.sample_rate={mel.sample_rate} but source {config.source!r} has "
+        f"audio at {sample_rate} Hz; set them equal (resample when building the dataset).")
+  if hasattr(source, "check_features"):
+    source.check_features(config)
+  return dict(fps=int(fps), mel_rate=float(mel.frame_rate), n_mels=int(mel.n_mels),
+              sample_rate=int(sample_rate))
 
 
-class TfdsSource:
-  """Grain random-access source over a prepared TFDS dataset (ArrayRecord, no TensorFlow).
-
-  `skip`: features left undecoded (returned as raw bytes), e.g. the videos of a rendered dataset
-  read by a motion model: zlib-inflating them is most of the read cost.
-  """
-
-  def __init__(self, name: str, split: str, data_dir: str | None = None,
-               skip: Sequence[str] = ()):
-    self.name, self.split, self.data_dir = name, split, data_dir
-    self.skip = tuple(skip)
-    self._ds = None
-    self._len = len(self._open())
-
-  def _open(self):
-    if self._ds is None:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      # Registers the project's builders so `name` resolves without a module path.
-      from avatar_jax.data import builders  # pylint: disable=g-import-not-at-top,unused-import
-
-      ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
-      present = [k for k in self.skip if k in ds.dataset_info.features]
-      if present:
-        ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
-                              decoders={k: tfds.decode.SkipDecoding() for k in present})
-      self._ds = ds
-    return self._ds
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_ds"] = None  # reopened lazily in each worker process
-    return state
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._open()[int(index)]
-
-  def __repr__(self) -> str:
-    return f"TfdsSource({self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"
-
-
-def make_source(config: ml_collections.ConfigDict, split: str):
-  """The random-access source of `split` named by `config.source`."""
-  if config.source == "synthdyad":
-    sizes = config.split_sizes
-    if split not in sizes:
-      raise KeyError(
-          f"config.split_sizes has no entry for split {split!r}; it has {sorted(sizes.keys())}."
-      )
-    s = config.synthdyad
-    return SynthDyadSource(
-        split,
-        sizes[split],
-        seed=s.seed,
-        duration_s=s.duration_s,
-        fps=s.fps,
-        sample_rate=s.sample_rate,
-        resolution=s.resolution,
-        render=s.render,
-        cache=s.cache,
-    )
-  if config.source == "tfds":
-    skip = [k for k in ("video", "partner_video", "reference_image") if k not in config.keep_keys]
-    return TfdsSource(config.tfds.name, split, config.tfds.data_dir, skip=skip)
-  raise ValueError(f"config.source must be 'synthdyad' or 'tfds', got {config.source!r}.")
-
-
-# ==================================================================================== transforms
-def _num_frames(example: Mapping[str, Any], where: str) -> int:
-  if "flame56_self" not in example:
-    raise KeyError(f"{where}: example has no 'flame56_self'; keys are {sorted(example)}.")
-  return int(np.shape(example["flame56_self"])[0])
-
-
+# ========================================================================= keys: how each is made
 @dataclasses.dataclass(frozen=True)
-class _Windower:
-  """Cuts one window out of an example and computes its log-mel features.
+class KeySpec:
+  """How a batch key is cut from a clip.
 
-  Picklable (a frozen dataclass of plain values), so prefetch workers can run it.
+  per_frame: rows per video frame, sliced with the window (1 for frame-rate keys, mel frames per
+    video frame for mel, samples per frame for audio); None: one value per example, not sliced.
+  dtype: dtype of the batch array.
+  made_from: the raw key it is computed from ('audio_self' for 'mel_self'); '' : itself.
   """
-
-  clip_frames: int  # 0: whole example
-  mel: features_lib.MelConfig
-  mel_streams: tuple[str, ...]
-  keys: tuple[str, ...]
-
-  def __call__(
-      self, example: Mapping[str, Any], start: int, index: int, render_window=None
-  ) -> dict[str, Any]:
-    """Window `[start, start + clip_frames)` of `example` (source index `index`).
-
-    `render_window(example, key, start, stop)`, when given, makes the video keys that the
-    example lacks (SynthDyad renders only the window).
-    """
-    where = f"example {index}"
-    t_total = _num_frames(example, where)
-    fps = float(example.get("fps", 25))
-    sr = int(example.get("sample_rate", self.mel.sample_rate))
-    if sr != self.mel.sample_rate:
-      raise ValueError(
-          f"{where}: audio at {sr} Hz but the mel front end expects {self.mel.sample_rate} Hz; "
-          "resample when building the dataset (features.resample)."
-      )
-    spf = sr / fps
-    if abs(spf - round(spf)) > 1e-9:
-      raise ValueError(f"{where}: sample_rate {sr} is not a multiple of fps {fps}.")
-    spf = int(round(spf))
-    r = features_lib.mel_frames_per_video_frame(self.mel, fps)
-    t = self.clip_frames or t_total
-    if not 0 <= start <= t_total - t:
-      raise ValueError(
-          f"{where}: window [{start}, {start + t}) does not fit its {t_total} frames "
-          f"(clip_frames={self.clip_frames})."
-      )
-    out: dict[str, Any] = {}
-    for k in _FRAME_KEYS:
-      # flame56 is in every source; motion/speaking in SynthDyad (not DualTalk); video on request.
-      if k in _REQUIRED_KEYS or k in self.keys or (k in _ALWAYS_KEYS and k in example):
-        if k not in example and render_window is not None and k in _VIDEO_KEYS:
-          out[k] = render_window(example, k, start, start + t)
-          continue
-        if k not in example:
-          raise KeyError(f"{where}: missing key {k!r}; keys are {sorted(example)}.")
-        v = np.asarray(example[k])
-        if v.shape[0] != t_total:
-          raise ValueError(
-              f"{where}: {k!r} has {v.shape[0]} frames, flame56_self has {t_total}."
-          )
-        out[k] = v[start:start + t]
-    for k in ("motion_self", "motion_partner", "flame56_self", "flame56_partner"):
-      if k in out:
-        out[k] = out[k].astype(np.float32)
-    for k in ("speaking_self", "speaking_partner"):
-      if k in out:
-        out[k] = out[k].astype(bool)
-    if "reference_image" in self.keys:
-      if "reference_image" not in example and render_window is not None:
-        out["reference_image"] = render_window(example, "reference_image", 0, 1)
-      elif "reference_image" not in example:
-        raise KeyError(f"{where}: missing key 'reference_image'; keys are {sorted(example)}.")
-      else:
-        out["reference_image"] = np.asarray(example["reference_image"], np.uint8)
-    streams = set(self.mel_streams) | {k[len("audio_"):] for k in self.keys if k in _AUDIO_KEYS}
-    for s in sorted(streams):
-      key = f"audio_{s}"
-      if key not in example:
-        raise KeyError(f"{where}: missing audio track {key!r}; keys are {sorted(example)}.")
-      audio = _fit_length(np.asarray(example[key], np.float32), t_total * spf)
-      if s in self.mel_streams:
-        # Mel of the whole example, then sliced: window edges see real context, not padding.
-        mel = features_lib.log_mel(audio, self.mel)
-        out[f"mel_{s}"] = mel[start * r:(start + t) * r]
-      if key in self.keys:
-        out[key] = audio[start * spf:(start + t) * spf]
-    out["identity_self"] = np.int32(example.get("identity_self", -1))
-    out["identity_partner"] = np.int32(example.get("identity_partner", -1))
-    out["clip_start"] = np.int32(start)
-    out["example_index"] = np.int32(index)
-    return out
+  per_frame: float | None
+  dtype: Any
+  made_from: str = ""
 
 
+_FRAME_KEYS = {
+    "flame56_self": np.float32, "flame56_partner": np.float32,
+    "motion_self": np.float32, "motion_partner": np.float32,
+    "speaking_self": bool, "speaking_partner": bool,
+    "video": np.uint8, "partner_video": np.uint8,
+}
+_RENDERED = ("video", "partner_video", "reference_image")
+
+
+def key_table(source, mel: features_lib.MelConfig, fps: int, sample_rate: int
+              ) -> dict[str, KeySpec]:
+  """{key: KeySpec} of every batch key `source` can produce (bookkeeping keys aside)."""
+  raw = set(source.keys)
+  spf = sample_rate / fps
+  r = features_lib.mel_frames_per_video_frame(mel, fps)
+  table = {k: KeySpec(1, dt) for k, dt in _FRAME_KEYS.items() if k in raw}
+  if "reference_image" in raw:
+    table["reference_image"] = KeySpec(None, np.uint8)
+  for s in STREAMS:
+    if f"audio_{s}" in raw:
+      table[f"audio_{s}"] = KeySpec(spf, np.float32)
+    if f"mel_{s}" in raw or f"audio_{s}" in raw:
+      table[f"mel_{s}"] = KeySpec(r, np.float32,
+                                  "" if f"mel_{s}" in raw else f"audio_{s}")
+  # Pre-encoded sources declare their own keys (features, latents) and rates.
+  for k, (per_frame, dtype) in getattr(source, "key_rates", {}).items():
+    table.setdefault(k, KeySpec(per_frame, np.dtype(dtype)))
+  return table
+
+
+def default_keys(config: ml_collections.ConfigDict, table: Mapping[str, KeySpec]) -> tuple[str, ...]:
+  """The keys `make(keys=None)` produces: flame56, motion/speaking where the source has them,
+  `mel_<s>` for `config.mel_streams`, and `config.keep_keys`."""
+  unknown = set(config.keep_keys) - set(OPTIONAL_KEYS)
+  if unknown:
+    raise ValueError(
+        f"config.keep_keys has unknown {sorted(unknown)}; choose from {OPTIONAL_KEYS}.")
+  keys = ["flame56_self", "flame56_partner"]
+  keys += [k for k in ("motion_self", "motion_partner", "speaking_self", "speaking_partner")
+           if k in table]
+  keys += [f"mel_{s}" for s in config.mel_streams]
+  keys += list(config.keep_keys)
+  return tuple(keys)
+
+
+def _check_keys(keys, table, config, split) -> None:
+  unknown = [k for k in keys if k not in table and k not in BOOKKEEPING_KEYS]
+  if not unknown:
+    return
+  render_off = (config.source == "synthdyad" and not config.synthdyad.render
+                and set(unknown) & set(_RENDERED))
+  hint = (" (config.data.synthdyad.render is False, so there is no video; set it True)"
+          if render_off else "")
+  raise ValueError(
+      f"pipeline.make: source {config.source!r} (split {split!r}) cannot produce batch keys "
+      f"{sorted(unknown)}{hint}; it has {sorted(table)} plus the bookkeeping keys "
+      f"{list(BOOKKEEPING_KEYS)}.")
+
+
+# ========================================================================================= clips
 def _fit_length(audio: np.ndarray, n: int) -> np.ndarray:
   # Real recordings end a few samples off the video; zero-pad or trim to exactly T * spf.
   if audio.ndim != 1:
@@ -364,56 +216,210 @@ def _fit_length(audio: np.ndarray, n: int) -> np.ndarray:
   return np.pad(audio, (0, n - audio.shape[0]))
 
 
-def _fetch(source, index: int):
-  """(example, render_window or None): SynthDyad is fetched without video, rendered per window."""
-  if isinstance(source, SynthDyadSource) and source.render:
-    return source.get(index, render=False), source.render_window
-  return source[index], None
+def _rows(n_frames: int, per_frame: float, key: str, where: str) -> int:
+  rows = n_frames * per_frame
+  if abs(rows - round(rows)) > 1e-6:
+    raise ValueError(f"{where}: {n_frames} frames at {per_frame} rows/frame of {key!r} is not a "
+                     "whole number of rows; use windows and clips whose lengths align.")
+  return int(round(rows))
 
 
-class _TrainWindow(grain.transforms.RandomMap):
-  """Random window offset, drawn from Grain's per-element RNG (seeded by seed and position)."""
+class Clips:
+  """`clips[i]`: example `i` of a source with the requested keys prepared over its whole length.
 
-  def __init__(self, source, windower: _Windower):
-    self.source, self.windower = source, windower
+  Frame keys are cast to their batch dtype, audio is fitted to `num_frames * spf` samples, and
+  `mel_<s>` is the log-mel of the whole (fitted) `audio_<s>` unless the source stores it, so a
+  window's mel is a slice with real context at its edges. Video the source renders on request is
+  left out (`needs_render`); `render_ctx` keeps what rendering needs. With `cache`, each prepared
+  clip stays in memory (per process; pickled along with this object to prefetch workers).
+  Picklable.
+  """
 
-  def random_map(self, index: int, rng: np.random.Generator):
-    example, render_window = _fetch(self.source, index)
-    t_total = _num_frames(example, f"example {index}")
-    t = self.windower.clip_frames or t_total
-    if t_total < t:
-      raise ValueError(
-          f"example {index} of {self.source!r} has {t_total} frames, fewer than "
-          f"clip_frames={t}."
-      )
-    start = int(rng.integers(0, t_total - t + 1))
-    return self.windower(example, start, index, render_window)
+  def __init__(self, source, table: Mapping[str, KeySpec], keys: Sequence[str],
+               mel: features_lib.MelConfig, fps: int, sample_rate: int, cache: bool = False):
+    self.source, self.mel, self.fps, self.sample_rate = source, mel, fps, sample_rate
+    self.table = {k: table[k] for k in keys if k not in BOOKKEEPING_KEYS}
+    self.keys = tuple(self.table)
+    self.spf = _rows(1, sample_rate / fps, "audio", f"sample_rate {sample_rate} / fps {fps}")
+    can_render = hasattr(source, "render_window")
+    self.rendered = tuple(k for k in self.keys if k in _RENDERED and can_render)
+    self.raw_keys = tuple(sorted({self.table[k].made_from or k for k in self.keys}))
+    self.cache = {} if cache else None
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if self.cache is not None and index in self.cache:
+      return self.cache[index]
+    clip = self._prepare(index)
+    if self.cache is not None:
+      self.cache[index] = clip
+    return clip
+
+  def _prepare(self, index: int) -> dict[str, Any]:
+    where = f"example {index} of {self.source!r}"
+    ex = self.source.fetch(index, self.raw_keys)
+    for name, want in (("fps", self.fps), ("sample_rate", self.sample_rate)):
+      if name in ex and int(ex[name]) != want:
+        raise ValueError(f"{where}: {name} is {int(ex[name])}, the data config says {want} "
+                         f"(config.data of source {self.source!r}; resample when building).")
+    n = _num_frames(ex, where)
+    clip = {"num_frames": n, "identity_self": np.int32(ex.get("identity_self", -1)),
+            "identity_partner": np.int32(ex.get("identity_partner", -1))}
+    audio = {}
+    for k, spec in self.table.items():
+      if k in self.rendered and k not in ex:
+        continue
+      if spec.made_from:  # mel_<s> from audio_<s>
+        src = spec.made_from
+        if src not in audio:
+          audio[src] = _fit_length(np.asarray(_need(ex, src, where), np.float32), n * self.spf)
+        clip[k] = features_lib.log_mel(audio[src], self.mel)
+        continue
+      v = np.asarray(_need(ex, k, where))
+      if k.startswith("audio_"):
+        v = audio.get(k)
+        if v is None:
+          v = _fit_length(np.asarray(ex[k], np.float32), n * self.spf)
+      elif spec.per_frame is not None:
+        rows = _rows(n, spec.per_frame, k, where)
+        if v.shape[0] != rows:
+          raise ValueError(f"{where}: {k!r} has {v.shape[0]} rows, expected {rows} "
+                           f"({n} frames x {spec.per_frame} per frame).")
+      clip[k] = np.ascontiguousarray(v, dtype=spec.dtype)
+    if self.rendered:  # what `render_window` reads, without the audio
+      clip["render_ctx"] = {k: ex[k] for k in ("motion_self", "motion_partner", "identity_self",
+                                              "identity_partner") if k in ex}
+    return clip
+
+  def window(self, clip: Mapping[str, Any], key: str, start: int, t: int) -> np.ndarray:
+    """Rows of `key` for video frames `[start, start + t)` of `clip`."""
+    if key not in clip:  # rendered on request
+      if key == "reference_image":
+        return self.source.render_window(clip["render_ctx"], key, 0, 1)
+      return self.source.render_window(clip["render_ctx"], key, start, start + t)
+    pf = self.table[key].per_frame
+    if pf is None:
+      return clip[key]
+    if pf == 1:
+      return clip[key][start:start + t]
+    lo = _rows(start, pf, key, "window start")
+    return clip[key][lo:lo + _rows(t, pf, key, "window length")]
+
+  def fill(self, indices: Sequence[int], processes: int = 1) -> None:
+    """Prepares `indices` into the cache now, in example order (SynthDyad then generates each
+    conversation once for its two samples), over `processes` spawned processes."""
+    if self.cache is None:
+      raise ValueError("Clips.fill needs cache=True.")
+    todo = sorted({int(i) for i in indices} - set(self.cache))
+    if processes <= 1 or len(todo) < 2 * processes:
+      for i in todo:
+        self.cache[i] = self._prepare(i)
+      return
+    worker = copy.copy(self)
+    worker.cache = None  # the children fill nothing of their own; results come back pickled
+    # Contiguous chunks keep a conversation's two samples in one process; several per process
+    # balance the load.
+    chunks = [c.tolist() for c in np.array_split(todo, 4 * processes) if len(c)]
+    ctx = multiprocessing.get_context("spawn")  # forking a process that runs JAX is unsafe
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+      for part in pool.map(worker._prepare_many, chunks):  # pylint: disable=protected-access
+        self.cache.update(part)
+
+  def _prepare_many(self, indices: Sequence[int]) -> dict[int, dict[str, Any]]:
+    return {i: self._prepare(i) for i in indices}
+
+  @property
+  def stride(self) -> int:
+    """Window starts and lengths are multiples of this (keys with fewer rows than frames)."""
+    s = 1
+    for spec in self.table.values():
+      if spec.per_frame is not None and spec.per_frame < 1:
+        s = math.lcm(s, int(round(1 / spec.per_frame)))
+    return s
 
 
-class _EvalWindow(grain.transforms.Map):
-  def __init__(self, source, windower: _Windower):
-    self.source, self.windower = source, windower
-
-  def map(self, item):
-    index, start = (int(v) for v in item)
-    example, render_window = _fetch(self.source, index)
-    return self.windower(example, start, index, render_window)
+def _need(ex, key, where):
+  if key not in ex:
+    raise KeyError(f"{where}: missing key {key!r}; keys are {sorted(ex)}.")
+  return ex[key]
 
 
-def _eval_windows(source, clip_frames: int, mode: str) -> np.ndarray:
+def _num_frames(ex: Mapping[str, Any], where: str) -> int:
+  if "num_frames" in ex:
+    return int(ex["num_frames"])
+  for k in _FRAME_KEYS:
+    if k in ex:
+      return int(np.shape(ex[k])[0])
+  raise KeyError(f"{where}: no frame-rate key to count frames ({sorted(_FRAME_KEYS)}); "
+                 f"keys are {sorted(ex)}.")
+
+
+def _assemble(clips: Clips, items: Sequence[tuple[dict, int, int]], t: int) -> dict[str, Any]:
+  """Batch of windows: items are (clip, start, example index); `t` frames (0: whole clips)."""
+  out = {}
+  for k in clips.keys:
+    parts = [clips.window(c, k, s, t or c["num_frames"]) for c, s, _ in items]
+    out[k] = np.stack(parts)
+  out["identity_self"] = np.array([c["identity_self"] for c, _, _ in items], np.int32)
+  out["identity_partner"] = np.array([c["identity_partner"] for c, _, _ in items], np.int32)
+  out["clip_start"] = np.array([s for _, s, _ in items], np.int32)
+  out["example_index"] = np.array([i for _, _, i in items], np.int32)
+  return out
+
+
+class _TrainBatch(grain.transforms.RandomMap):
+  """Indices [B] -> batch; window offsets drawn from Grain's per-batch RNG (seed, position)."""
+
+  def __init__(self, clips: Clips, clip_frames: int):
+    self.clips, self.clip_frames = clips, clip_frames
+
+  def random_map(self, indices: np.ndarray, rng: np.random.Generator):
+    items, stride = [], self.clips.stride
+    for i in indices:
+      clip = self.clips[i]
+      n = clip["num_frames"]
+      t = self.clip_frames or n
+      if n < t:
+        raise ValueError(f"example {int(i)} of {self.clips.source!r} has {n} frames, fewer "
+                         f"than clip_frames={t}.")
+      items.append((clip, stride * int(rng.integers(0, (n - t) // stride + 1)), int(i)))
+    return _assemble(self.clips, items, self.clip_frames)
+
+
+class _EvalBatch(grain.transforms.Map):
+  """(index, start) rows [B, 2] -> batch."""
+
+  def __init__(self, clips: Clips, clip_frames: int):
+    self.clips, self.clip_frames = clips, clip_frames
+
+  def map(self, rows: np.ndarray):
+    items = []
+    for i, start in rows:
+      clip = self.clips[i]
+      t = self.clip_frames or clip["num_frames"]
+      if not 0 <= start <= clip["num_frames"] - t:
+        raise ValueError(f"example {int(i)}: window [{start}, {start + t}) does not fit its "
+                         f"{clip['num_frames']} frames (clip_frames={self.clip_frames}).")
+      items.append((clip, int(start), int(i)))
+    return _assemble(self.clips, items, self.clip_frames)
+
+
+def _eval_windows(source, clip_frames: int, mode: str, stride: int = 1) -> np.ndarray:
   """[(example, start)] for deterministic eval windows, `[N, 2]` int64."""
   if mode not in ("tile", "full"):
     raise ValueError(f"config.eval_windows must be 'tile' or 'full', got {mode!r}.")
   n = len(source)
   if mode == "full" or not clip_frames:
     return np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
-  if isinstance(source, SynthDyadSource):
-    # Every sample of a split has the split config's length; the windower re-checks each
-    # example, so a mismatch fails loudly rather than silently.
-    lengths = np.full(n, source.generator_config().num_frames)
-  else:
-    logging.info("Reading %d examples of %r to lay out eval windows.", n, source)
-    lengths = np.array([_num_frames(source[i], f"example {i}") for i in range(n)])
+  if clip_frames % stride:
+    raise ValueError(f"clip_frames={clip_frames} must be a multiple of {stride}, the frames per "
+                     "row of the slowest requested key.")
+  if not isinstance(source, SynthDyadSource):
+    logging.info("Reading the lengths of %d examples of %r to lay out eval windows.", n, source)
+  lengths = np.array([source.num_frames(i) for i in range(n)])
   rows = [(i, w * clip_frames) for i in range(n) for w in range(lengths[i] // clip_frames)]
   if not rows:
     raise ValueError(f"No example of {source!r} is as long as clip_frames={clip_frames}.")
@@ -421,10 +427,26 @@ def _eval_windows(source, clip_frames: int, mode: str) -> np.ndarray:
 
 
 # ====================================================================================== pipeline
+def clips(config: ml_collections.ConfigDict, split: str, keys: Sequence[str] | None = None,
+          *, cache: bool | None = None) -> Clips:
+  """Prepared whole clips of `split` with `keys` (None: `default_keys`); see `Clips`."""
+  f = facts(config)
+  mel = features_lib.mel_config_from(config.features)
+  mel.validate()
+  source = make_source(config, split, keys)
+  table = key_table(source, mel, f["fps"], f["sample_rate"])
+  keys = default_keys(config, table) if keys is None else tuple(keys)
+  _check_keys(keys, table, config, split)
+  if cache is None:
+    cache = bool(config.cache) or (config.source == "synthdyad" and bool(config.synthdyad.cache))
+  return Clips(source, table, keys, mel, f["fps"], f["sample_rate"], cache=cache)
+
+
 def make(
     config: ml_collections.ConfigDict,
     split: str,
     *,
+    keys: Sequence[str] | None = None,
     seed: int | None = None,
     shuffle: bool = True,
     num_epochs: int | None = None,
@@ -436,6 +458,10 @@ def make(
   Args:
     config: `default_config()`-shaped ConfigDict (`config.data` of a training config).
     split: 'train', 'test', 'ood' (or any split the source has).
+    keys: batch keys to produce (a system's `data_spec().keys`), plus the bookkeeping keys
+      example_index, clip_start, identity_self, identity_partner; nothing else is computed (no
+      log-mel without a mel_* key, no rendering without a video key). None: `default_keys`
+      (flame56, motion/speaking, `config.mel_streams`, `config.keep_keys`).
     seed: shuffle + window-offset seed; defaults to `config.shuffle_seed`.
     shuffle: shuffle examples (per epoch) and draw random window offsets. With `shuffle=False`
       windows are deterministic (consecutive tiles, `config.eval_windows`), for evaluation.
@@ -451,68 +477,74 @@ def make(
   seed = config.shuffle_seed if seed is None else seed
   if config.batch_size % shard_count:
     raise ValueError(
-        f"Global batch_size {config.batch_size} is not divisible by shard_count {shard_count}."
-    )
+        f"Global batch_size {config.batch_size} is not divisible by shard_count {shard_count}.")
   host_batch = config.batch_size // shard_count
-  keys = tuple(config.keep_keys)
-  unknown = set(keys) - set(OPTIONAL_KEYS)
-  if unknown:
-    raise ValueError(f"config.keep_keys has unknown {sorted(unknown)}; choose from {OPTIONAL_KEYS}.")
-  if (
-      config.source == "synthdyad"
-      and not config.synthdyad.render
-      and set(keys) & {"video", "partner_video", "reference_image"}
-  ):
-    raise ValueError(f"config.keep_keys={keys} asks for video but config.synthdyad.render is False.")
-  mel = features_lib.mel_config_from(config.features)
-  mel.validate()
-  windower = _Windower(int(config.clip_frames), mel, tuple(config.mel_streams), keys)
-  source = make_source(config, split)
+  data = clips(config, split, keys)
+  t = int(config.clip_frames)
+  if t % data.stride:
+    raise ValueError(f"config.data.clip_frames={t} must be a multiple of {data.stride}, the "
+                     "frames per row of the slowest requested key.")
 
   if shuffle:
-    ds = grain.MapDataset.range(len(source))[shard_index::shard_count]
-    ds = ds.shuffle(seed=seed).repeat(num_epochs)
-    ds = ds.random_map(_TrainWindow(source, windower), seed=seed)
-    drop_remainder = True
+    examples = np.arange(len(data))[shard_index::shard_count]
+    if len(examples) < host_batch:
+      raise ValueError(
+          f"Split {split!r} shard has {len(examples)} examples < host batch {host_batch}.")
   else:
-    windows = _eval_windows(source, int(config.clip_frames), config.eval_windows)
-    ds = grain.MapDataset.source(windows)[shard_index::shard_count].repeat(num_epochs)
-    ds = ds.map(_EvalWindow(source, windower))
-    drop_remainder = False
-  if shuffle and len(ds) < host_batch:
-    raise ValueError(f"Split {split!r} shard has {len(ds)} examples < host batch {host_batch}.")
-  ds = ds.batch(host_batch, drop_remainder=drop_remainder)
-  ids = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=int(config.read_threads), prefetch_buffer_size=int(config.prefetch))
-  )
+    windows = _eval_windows(data.source, t, config.eval_windows, data.stride)
+    windows = windows[shard_index::shard_count]
+    examples = np.unique(windows[:, 0])
+  if data.cache is not None:
+    # Filled now rather than lazily: in example order (cheaper), over `worker_count` processes,
+    # and before the prefetch workers start, so each of them gets the whole cache instead of
+    # filling its own share again.
+    start = time.perf_counter()
+    data.fill(examples, processes=int(config.worker_count))
+    logging.info("Cached %d clips of %s/%s in %.1f s.", len(examples), config.source, split,
+                 time.perf_counter() - start)
+
+  if shuffle:
+    ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(num_epochs)
+    # Batch indices first, then one transform per batch: per-example Python stays minimal.
+    ds = ds.batch(host_batch, drop_remainder=True).random_map(_TrainBatch(data, t), seed=seed)
+  else:
+    ds = grain.MapDataset.source(windows).repeat(num_epochs)
+    ds = ds.batch(host_batch, drop_remainder=False).map(_EvalBatch(data, t))
+  ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(config.read_threads),
+                                             prefetch_buffer_size=int(config.prefetch)))
   if config.worker_count > 0:
     if not flags.FLAGS.is_parsed():
       # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
       # have not been parsed, and the defaults are what we want.
       flags.FLAGS.mark_as_parsed()
-    ids = ids.mp_prefetch(
-        grain.MultiprocessingOptions(
-            num_workers=int(config.worker_count), per_worker_buffer_size=int(config.prefetch)
-        )
-    )
-  logging.info(
-      "Data %s/%s: %s, host batch %d (shard %d/%d), workers %d.",
-      config.source, split, source, host_batch, shard_index, shard_count, config.worker_count,
-  )
+    ids = ids.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(config.worker_count), per_worker_buffer_size=int(config.prefetch)))
+  logging.info("Data %s/%s: %s, keys %s, host batch %d (shard %d/%d), workers %d.",
+               config.source, split, data.source, data.keys, host_batch, shard_index,
+               shard_count, config.worker_count)
   return iter(ids)
+
+
+# ======================================================================================= devices
+def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+  """The mesh axes of the rules table's `batch` entry (sharding.RULES) that `mesh` has."""
+  axes = dict(sharding_lib.RULES)["batch"]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(a for a in axes if a in mesh.axis_names)
 
 
 def to_global(
     batch: Mapping[str, np.ndarray],
     mesh: jax.sharding.Mesh,
-    axes: Sequence[str] = ("data", "fsdp"),
+    axes: Sequence[str] | None = None,
 ) -> dict[str, jax.Array]:
   """Host-local batch -> global `jax.Array`s, leading dim sharded over `axes` of `mesh`.
 
+  `axes`: default `batch_axes(mesh)`, the batch axes of the rules table ('data', 'fsdp').
   Each host passes its own `[B_host, ...]` slice; the result has leading dim
   `B_host * process_count` and every other dim replicated.
   """
-  axes = tuple(axes)
+  axes = batch_axes(mesh) if axes is None else tuple(axes)
   missing = [a for a in axes if a not in mesh.axis_names]
   if missing:
     raise ValueError(f"to_global axes {missing} are not in the mesh axes {mesh.axis_names}.")
@@ -521,11 +553,102 @@ def to_global(
   out = {}
   for k, v in batch.items():
     v = np.asarray(v)
-    global_b = v.shape[0] * jax.process_count()
+    global_b = v.shape[0] * jax.process_count() if v.ndim else 0
     if v.ndim == 0 or global_b % n_shards:
       raise ValueError(
           f"Batch key {k!r} with shape {v.shape}: global leading dim {global_b} must be "
-          f"divisible by the {n_shards} devices of mesh axes {axes}."
-      )
+          f"divisible by the {n_shards} devices of mesh axes {axes}.")
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+
+
+_END = object()
+
+
+class DevicePrefetch(grain.DatasetIterator):
+  """Global `jax.Array` batches of a host iterator, made `size` batches ahead in a thread.
+
+  Order is preserved. `get_state()` is the state of the wrapped iterator *before the next batch
+  this iterator will return* (not after the ones already prefetched), so a checkpoint resumes at
+  exactly the batch the trainer would have consumed next; `set_state` drops the prefetched
+  batches and restarts from there. Grain's Orbax handler saves and restores it like any
+  `DatasetIterator`.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, mesh: jax.sharding.Mesh, size: int = 2,
+               axes: Sequence[str] | None = None):
+    super().__init__(parent)
+    if size < 1:
+      raise ValueError(f"prefetch_to_device size must be >= 1, got {size}.")
+    self._it, self._mesh, self._size, self._axes = parent, mesh, int(size), axes
+    self._state = copy.deepcopy(parent.get_state())
+    self._thread = None
+    self._start()
+
+  def _start(self):
+    self._queue: queue.Queue = queue.Queue(self._size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop),
+                                    daemon=True, name="prefetch_to_device")
+    self._thread.start()
+
+  def _produce(self, q: queue.Queue, stop: threading.Event):
+    while not stop.is_set():
+      try:
+        host = next(self._it)
+        # The state after this batch = the position the consumer is at once it has taken it.
+        item = (to_global(host, self._mesh, self._axes), copy.deepcopy(self._it.get_state()))
+      except StopIteration:
+        item = _END
+      except Exception as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+        item = e
+      while not stop.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item is _END or isinstance(item, Exception):
+        return
+
+  def _halt(self):
+    if self._thread is not None:
+      self._stop.set()
+      while self._thread.is_alive():
+        try:  # unblock a producer waiting on a full queue
+          self._queue.get_nowait()
+        except queue.Empty:
+          self._thread.join(timeout=0.05)
+      self._thread = None
+
+  def __next__(self) -> dict[str, jax.Array]:
+    item = self._queue.get()
+    if item is _END:
+      self._queue.put(_END)  # every later call ends too
+      raise StopIteration
+    if isinstance(item, Exception):
+      raise item
+    batch, self._state = item
+    return batch
+
+  def get_state(self):
+    return copy.deepcopy(self._state)
+
+  def set_state(self, state):
+    self._halt()
+    self._it.set_state(state)
+    self._state = copy.deepcopy(state)
+    self._start()
+
+  def close(self):
+    self._halt()
+    if hasattr(self._it, "close"):
+      self._it.close()
+    super().close()
+
+
+def prefetch_to_device(iterator: grain.DatasetIterator, mesh: jax.sharding.Mesh, size: int = 2,
+                       axes: Sequence[str] | None = None) -> DevicePrefetch:
+  """`iterator`'s batches as global `jax.Array`s (`to_global`), `size` ahead; see DevicePrefetch."""
+  return DevicePrefetch(iterator, mesh, size, axes)
+

@@ -149,6 +149,15 @@ def make_sample(split: str, index: int, *, seed: int = 0, config: SynthDyadConfi
   """
   index = _check_index("sample index", index)
   conv = make_conversation(split, index // 2, seed=seed, config=config)
+  return sample_from_conversation(conv, index, seed=seed, render=render)
+
+
+def sample_from_conversation(conv, index: int, *, seed: int = 0, render: bool = False) -> dict:
+  """Sample `index` (side `index % 2`) of `conv = make_conversation(split, index // 2, ...)`.
+
+  Lets a reader that holds the conversation build both of its samples without generating it
+  twice; `make_sample` is this after `make_conversation`.
+  """
   me, other = index % 2, 1 - index % 2
   events = dict(conv.events)
   events["who"] = (events["who"] != me).astype(np.int32)
