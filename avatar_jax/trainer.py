@@ -33,6 +33,7 @@ from flax import nnx
 
 from avatar_jax import checkpointing, sharding, system as system_lib, writers
 from avatar_jax.data import pipeline
+from avatar_jax.evals import runner as evals_runner
 from avatar_jax.models import registry
 
 
@@ -394,8 +395,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                {k: round(v / 1e6, 3) for k, v in s.num_params.items()})
   with use_mesh(mesh):
     # ---------------------------------------------------------------- data
-    train_iter = pipeline.make(config.data, "train", keys=s.system.data_spec().keys,
-                               seed=config.seed)
+    # Batches become global device arrays in a background thread, two steps ahead, so the
+    # host's slicing and the transfer overlap the step; its state is the next batch's position.
+    train_iter = pipeline.prefetch_to_device(
+        pipeline.make(config.data, "train", keys=s.system.data_spec().keys, seed=config.seed),
+        mesh, size=2)
     state = s.state
     if not fresh:
       state = ckpt.restore(state, train_iter)
@@ -405,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- loop
     progress = writers.progress(num_steps, writer, first_step=first_step,
                                 bar=config.train.progress_bar and jax.process_index() == 0)
-    pending, last_good = [], resume_step
+    pending, last_good, results = [], resume_step, {}
 
     def check_finite():
       for step, m in pending:
@@ -419,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     t_start = time.monotonic()
     for step in range(first_step + 1, num_steps + 1):
-      state, metrics = s.train_step(state, s.batch(next(train_iter)))
+      state, metrics = s.train_step(state, next(train_iter))
       pending.append((step, metrics))
       progress(step)
       if step % config.train.log_every == 0 or step == num_steps:
@@ -432,12 +436,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         check_finite()
         ckpt.save(step, state, train_iter, config)
         last_good = step
+      # Evaluators of config.evals due at this step (evals/runner.py); the EMA model is built
+      # only when one is.
+      results.update(evals_runner.run(s.system, lambda st=state: s.model(st), config, workdir,
+                                      step=step, writer=writer, final=step == num_steps))
     progress.close()
     ckpt.wait()
     logging.info("Training done in %.1f s.", time.monotonic() - t_start)
+  train_iter.close()
   writer.flush()
   ckpt.close()
-  return {}
+  return results
 
 
 # ============================================================================= restore

@@ -14,6 +14,7 @@ Arguments (`--config configs/quickstart.py:steps=300,width=64`):
 """
 from avatar_jax import config_lib
 from avatar_jax.data import pipeline
+from avatar_jax.evals import runner
 from avatar_jax.models.motion import motion_dit
 
 
@@ -43,8 +44,13 @@ def get_config(arg=None):
   c.init_from = config_lib.init_from()   # e.g. --config.init_from.workdir=runs/stage1
   c.optim = dict(lr=1e-3, warmup_steps=100, end_lr_factor=0.05, b1=0.9, b2=0.99,
                  weight_decay=1e-4, clip_norm=1.0, ema_decay=0.99)
-  c.train = dict(num_steps=arg.steps, log_every=50, ckpt_every=200, sample_every=400,
-                 max_checkpoints=2, stats_batches=4, progress_bar=True)
-  c.eval = dict(at_end=True, splits=("test",), num_clips=arg.eval_clips, baselines=True,
-                video=True, batch_size=16)
+  c.train = dict(num_steps=arg.steps, log_every=50, ckpt_every=200, max_checkpoints=2,
+                 stats_batches=4, progress_bar=True)
+  # Evaluators (evals/runner.py; they run in name order): a sample mp4 every 400 steps and at the
+  # end (samples/step_*.mp4), then the SynthDyad table on whole test clips (eval/test.{md,json}).
+  c.evals = dict(
+      sample=runner.evaluator("video", split="test", every=400, at_end=True),
+      test=runner.evaluator("synthdyad", split="test", num_clips=arg.eval_clips, baselines=True,
+                            batch_size=16, at_end=True),
+  )
   return config_lib.lock(c)

@@ -25,7 +25,7 @@ def test_quickstart_notebook_runs(tmp_path, tmp_path_factory, monkeypatch):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
   workdir = tmp_path / "run"
-  overrides = {**harness.OVERRIDES, "eval.at_end": True}
+  overrides = {**harness.OVERRIDES, "evals.test.at_end": True}
   env = harness.subprocess_env(harness.cache_dir(tmp_path_factory))
   for key in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "PYTHONPATH"):

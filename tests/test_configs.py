@@ -62,7 +62,7 @@ def test_quickstart_arguments_reach_the_config():
   assert c.train.num_steps == 7 and isinstance(c.train.num_steps, int)
   assert (c.model.width, c.model.depth, c.data.batch_size) == (48, 2, 16)
   assert c.model.attention.mode == "global" and c.model.attention.learn_sigma is False
-  assert (c.eval.num_clips, c.seed, c.data.clip_frames) == (3, 5, 30)
+  assert (c.evals.test.num_clips, c.seed, c.data.clip_frames) == (3, 5, 30)
   # Data facts live in config.data only (the system derives them: pipeline.facts).
   assert not {"n_mels", "fps", "mel_rate"} & set(c.model.keys())
   assert (c.model.dtype, c.model.param_dtype) == ("float32", "float32")

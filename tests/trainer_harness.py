@@ -32,12 +32,13 @@ OVERRIDES = {
     "optim.warmup_steps": 2,
     "train.log_every": 1,
     "train.ckpt_every": CKPT_EVERY,
-    "train.sample_every": 0,
     "train.max_checkpoints": 10,
     "train.stats_batches": 1,
     "train.progress_bar": False,
-    "eval.at_end": False,
-    "eval.batch_size": 2,
+    "evals.sample.every": 0,
+    "evals.sample.at_end": False,
+    "evals.test.at_end": False,
+    "evals.test.batch_size": 2,
 }
 
 

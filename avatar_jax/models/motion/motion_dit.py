@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from avatar_jax import sharding
+from avatar_jax import render, sharding
 from avatar_jax import system as system_lib
 from avatar_jax.data import features, pipeline
 from avatar_jax.diffusion import flow, guidance, samplers
@@ -215,6 +215,12 @@ class System(system_lib.System):
     x0 = jax.random.normal(rng, (b, n, self.cfg.channels))
     x = samplers.sample_ode(velocity, x0, steps=steps, method=method)
     return system_lib.Outputs(value=model.denormalize(x), space="motion")
+
+  def decode(self, outputs: system_lib.Outputs, batch) -> np.ndarray:
+    """SynthDyad drawing of the avatar (left) and its partner (right): uint8 [B, T, H, 2W, 3]."""
+    if outputs.space != "motion":
+      raise ValueError(f"MotionDiT decodes space 'motion', got {outputs.space!r}")
+    return render.motion_frames(self.config, outputs.value, batch)
 
   def evaluators(self) -> tuple[str, ...]:
     return ("synthdyad",)

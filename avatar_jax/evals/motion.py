@@ -1,0 +1,252 @@
+"""Motion metrics evaluators: the SynthDyad §6 table ("synthdyad") and the DualTalk/TIMAR
+56-d FLAME metrics ("flame56"); see evals/runner.py for how they are declared and run.
+
+"synthdyad" scores generated motion [T, C] (Outputs.space "motion") against the SynthDyad truth
+of each eval window (events, speaking flags, own audio envelope) next to three references:
+ground truth (the generator's own motion), mean motion (the training mean, model.mean) and the
+same model fed shuffled audio (window i gets window i+1's two audio streams). With
+`flame56=True` the rows also carry the 56-d metrics of the same motion (SYNTHDYAD.md §3).
+Writes <workdir>/eval/<split>.{json,md}.
+
+"flame56" scores FLAME 56-d outputs (space "flame56", or "motion" through its 56-d export)
+against the pipeline's flame56_self / flame56_partner: FD, P-FD, MSE, SID, rPCC, ... It needs no
+SynthDyad renderer or truth. Writes <workdir>/eval/<name>_<split>.{json,md}.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from avatar_jax.data import pipeline
+from avatar_jax.data.synthdyad import flame
+from avatar_jax.evals import dualtalk, runner, synthdyad_metrics
+
+REFERENCES = ("shuffled audio", "mean motion", "ground truth")
+# Per-frame keys of a SynthDyad sample that a window crops (events are shifted instead).
+_PER_FRAME = ("motion_self", "motion_partner", "speaking_self", "speaking_partner",
+              "flame56_self", "flame56_partner")
+
+
+def to_flame56(value: np.ndarray, space: str) -> np.ndarray:
+  """Outputs.value [N, T, D] of `space` as FLAME 56-d [N, T, 56]."""
+  if space == "flame56":
+    return np.asarray(value, np.float32)
+  if space == "motion":
+    return np.stack([flame.to_flame56(v) for v in value])
+  raise ValueError(f"no FLAME 56-d view of outputs in space {space!r} (expected 'flame56' or 'motion')")
+
+
+def crop(sample: Mapping[str, Any], start: int, num_frames: int) -> dict[str, Any]:
+  """A SynthDyad sample cut to video frames [start, start + num_frames): per-frame keys and
+  audio sliced, events shifted to the window's clock and kept where they overlap it."""
+  fps, sr = float(sample["fps"]), int(sample["sample_rate"])
+  if start == 0 and num_frames >= len(sample["motion_self"]):
+    return dict(sample)
+  out = dict(sample)
+  for k in _PER_FRAME:
+    if k in sample:
+      out[k] = np.asarray(sample[k])[start:start + num_frames]
+  spf = sr / fps
+  for k in ("audio_self", "audio_partner"):
+    if k in sample:
+      out[k] = np.asarray(sample[k])[int(round(start * spf)):int(round((start + num_frames) * spf))]
+  t0, t1 = start / fps, (start + num_frames) / fps
+  ev = {k: np.asarray(v) for k, v in sample["events"].items()}
+  keep = (ev["end"] >= t0) & (ev["start"] < t1)
+  out["events"] = {k: v[keep] for k, v in ev.items()}
+  out["events"]["start"] = ev["start"][keep] - t0
+  out["events"]["end"] = ev["end"][keep] - t0
+  return out
+
+
+def truth(config: ml_collections.ConfigDict, split: str, batch: Mapping[str, np.ndarray]
+          ) -> list[dict[str, Any]]:
+  """The SynthDyad truth (whole sample, render=False) of each window of `batch`, cropped."""
+  source = pipeline.make_source(config.data, split)
+  if not isinstance(source, pipeline.SynthDyadSource):
+    raise ValueError(f"the 'synthdyad' evaluator needs SynthDyad truth (events, speaking flags); "
+                     f"config.data.source={config.data.source!r} has none: use type 'flame56'")
+  out = []
+  for i, start, t in zip(batch["example_index"], batch["clip_start"], batch["_frames"]):
+    out.append(crop(source.get(int(i), render=False), int(start), int(t)))
+  return out
+
+
+def score(rows_preds: Mapping[str, np.ndarray], samples: Sequence[Mapping[str, Any]], *,
+          with_flame56: bool) -> dict[str, dict[str, float]]:
+  """{row name: aggregated SynthDyad metrics (+ 56-d metrics)} of motion [N, T, C] per row."""
+  rows = {}
+  for name, pred in rows_preds.items():
+    rows[name] = synthdyad_metrics.aggregate(
+        [synthdyad_metrics.clip_metrics(p, s) for p, s in zip(pred, samples)])
+    if with_flame56:
+      agg, _ = dualtalk.evaluate_arrays([flame.to_flame56(p) for p in pred],
+                                        [s["flame56_self"] for s in samples],
+                                        [s["flame56_partner"] for s in samples])
+      rows[name].update({k: v for k, v in agg.items() if k != "clips"})
+  return rows
+
+
+def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, *,
+                baselines: bool, with_flame56: bool = False) -> dict[str, dict[str, float]]:
+  """{row name: metrics} for the model (and with `baselines` the three references) on the first
+  `cfg.num_clips` eval windows of `split`."""
+  system, model = ctx.system, ctx.model
+  keys = system.data_spec().keys
+  chunks = list(runner.batches(ctx, cfg, keys, split))
+  batch = runner.concat(chunks)
+  rng = runner.rng_for(ctx, cfg)
+  out = runner.generate(system, model, chunks, rng)
+  if out.space != "motion":
+    raise ValueError(f"config.evals.{ctx.name}: type 'synthdyad' scores SynthDyad motion, but "
+                     f"{type(system).__module__}.System generates {out.space!r}; use 'flame56'")
+  preds = {"model": out.value}
+  n = len(out.value)
+  if baselines:
+    if n < 2:
+      raise ValueError(f"config.evals.{ctx.name}: the shuffled-audio baseline needs >= 2 clips, "
+                       f"num_clips={cfg.num_clips}")
+    shuffled = dict(batch)
+    order = np.roll(np.arange(n), -1)   # window i gets window i+1's audio
+    for k in keys:
+      if k.startswith("mel_"):
+        shuffled[k] = batch[k][order]
+    preds["shuffled audio"] = runner.generate(
+        system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng).value
+    preds["mean motion"] = np.broadcast_to(np.asarray(model.mean[...]), out.value.shape)
+  batch["_frames"] = np.full(n, out.value.shape[1])
+  samples = truth(ctx.config, split, batch)
+  if baselines:
+    preds["ground truth"] = np.stack([s["motion_self"] for s in samples])
+  return score(preds, samples, with_flame56=with_flame56)
+
+
+def write_results(rows: Mapping[str, Any], workdir: str, stem: str, title: str, *,
+                  step: int | None = None, seed: int | None = None, split: str | None = None,
+                  table: str | None = None) -> str:
+  """Writes eval/<stem>.json and .md; returns the markdown (title + table)."""
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  table = table or synthdyad_metrics.format_table(rows)
+  title = title + (f", step {step}" if step is not None else "")
+  with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+    json.dump({"split": split, "step": step, "seed": seed, "rows": rows}, f, indent=1)
+  with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+    f.write(f"### {title}\n\n{table}\n")
+  return f"### {title}\n\n{table}"
+
+
+def _report(ctx: runner.Context, split: str, rows, text: str, metric_names) -> None:
+  model = rows.get("model", {})
+  logging.info("%s step %s: %s", split, ctx.step, " ".join(
+      f"{k}={v:.3f}" for k, v in model.items() if isinstance(v, (int, float))))
+  logging.info("\n%s", text)
+  if ctx.writer is not None and ctx.step is not None:
+    ctx.writer.write_scalars(ctx.step, {f"eval_{split}/{k}": v for k, v in rows["model"].items()
+                                        if k in metric_names})
+    ctx.writer.write_texts(ctx.step, {f"eval_{split}": text})
+
+
+@runner.register("synthdyad", baselines=True, flame56=False)
+def synthdyad(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{split: {"rows": {row: metrics}, "text": markdown}}; writes eval/<split>.{json,md} (the SynthDyad table)."""
+  results = {}
+  for split in runner.splits(cfg):
+    rows = motion_rows(ctx, cfg, split, baselines=cfg.baselines, with_flame56=cfg.flame56)
+    seed = ctx.config.seed if cfg.seed is None else cfg.seed
+    text = write_results(rows, ctx.workdir, split, f"SynthDyad `{split}` split", step=ctx.step,
+                         seed=seed, split=split)
+    _report(ctx, split, rows, text, dict(synthdyad_metrics.METRICS))
+    results[split] = dict(rows=rows, text=text)
+  return results
+
+
+@runner.register("flame56")
+def flame56(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{split: {"rows": {"model": 56-d metrics}, "text": markdown}}; writes eval/<name>_<split>.{json,md}."""
+  results = {}
+  for split in runner.splits(cfg):
+    keys = ctx.system.data_spec().keys + ("flame56_self", "flame56_partner")
+    chunks = list(runner.batches(ctx, cfg, keys, split))
+    out = runner.generate(ctx.system, ctx.model, chunks, runner.rng_for(ctx, cfg))
+    pred = to_flame56(out.value, out.space)
+    batch = runner.concat(chunks)
+    agg, _ = dualtalk.evaluate_arrays(list(pred), list(batch["flame56_self"]),
+                                      list(batch["flame56_partner"]))
+    rows = {"model": agg}
+    lines = ["| metric | model |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in agg.items()]
+    text = write_results(rows, ctx.workdir, f"{ctx.name}_{split}", f"FLAME 56-d `{split}` split",
+                         step=ctx.step, seed=cfg.seed, split=split, table="\n".join(lines))
+    _report(ctx, f"{ctx.name}_{split}", rows, text, set(agg) - {"clips"})
+    results[split] = dict(rows=rows, text=text)
+  return results
+
+
+# ------------------------------------------------------------------------ published tables
+def table_rows(workdirs: Sequence[str], names: Sequence[str], splits: Sequence[str],
+               seeds: Sequence[int], num_clips: int | None, table: str, *,
+               references: bool = False) -> list[dict]:
+  """One result row per (run, split, sampling seed): the model's metrics, labelled for
+  `evals.tables` (the 56-d metrics too unless table == "synthdyad").
+
+  references: also rows for the references (shuffled audio, mean motion, ground truth).
+  """
+  from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
+  rows = []
+  for workdir, name in zip(workdirs, names):
+    system, model, config, step = trainer.restore_model(workdir)
+    cfg = metrics_config(config, system)
+    if num_clips:
+      cfg.num_clips = num_clips
+    for split in splits:
+      for seed in seeds:
+        cfg.seed = int(seed)
+        ctx = runner.Context(system, model, config, workdir, step=step, name="table")
+        res = motion_rows(ctx, cfg, split, baselines=references, with_flame56=table != "synthdyad")
+        for kind, metrics in res.items():
+          label = name if kind == "model" else kind
+          label = f"{label} ({split})" if len(splits) > 1 else label
+          rows.append({"name": label, "seed": seed, "split": split, "step": step,
+                       "workdir": workdir, **metrics})
+  return rows
+
+
+def metrics_config(config: ml_collections.ConfigDict, system=None) -> ml_collections.ConfigDict:
+  """The run's first "synthdyad" evaluator config (defaults where it declares none)."""
+  for cfg in runner.declared(config, system).values():
+    if cfg.type == "synthdyad":
+      return cfg
+  return ml_collections.ConfigDict(runner.defaults("synthdyad"))
+
+
+def saved_rows(workdirs: Sequence[str], names: Sequence[str], splits: Sequence[str], *,
+               references: bool = False) -> list[dict]:
+  """Rows from the metrics each run saved (eval/<split>.json of its "synthdyad" evaluator).
+
+  references: also the reference rows saved with each run (shuffled audio, mean motion, ground
+  truth), labelled by kind, so that several seeds give them mean ± CI too.
+  """
+  rows = []
+  for workdir, name in zip(workdirs, names):
+    for split in splits:
+      path = os.path.join(workdir, "eval", f"{split}.json")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: the run saved no `{split}` evaluation; "
+                                "evaluate without --saved")
+      with open(path) as f:
+        saved = json.load(f)
+      label = f"{name} ({split})" if len(splits) > 1 else name
+      rows.append({"name": label, "seed": saved.get("seed"), "split": split, "step": saved["step"],
+                   "workdir": workdir, **saved["rows"]["model"]})
+      if references:
+        for ref, metrics in saved["rows"].items():
+          if ref != "model":
+            rows.append({"name": ref if len(splits) == 1 else f"{ref} ({split})",
+                         "seed": saved.get("seed"), "split": split, "workdir": workdir, **metrics})
+  return rows
