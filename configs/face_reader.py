@@ -13,6 +13,7 @@ Arguments (`--config configs/face_reader.py:steps=200,batch=16`):
   steps, batch, frames (per window), train_clips, eval_clips, lr, ema, workers, seed, res.
 """
 from avatar_jax import config_lib
+from avatar_jax.evals import runner
 from avatar_jax.data import pipeline
 from avatar_jax.models import face_reader
 
@@ -42,7 +43,8 @@ def get_config(arg=None):
   c.init_from = config_lib.init_from()   # e.g. --config.init_from.workdir=runs/stage1
   c.optim = dict(lr=arg.lr, warmup_steps=200, end_lr_factor=0.01, b1=0.9, b2=0.999,
                  weight_decay=1e-4, clip_norm=1.0, ema_decay=arg.ema)
-  c.train = dict(num_steps=arg.steps, log_every=100, ckpt_every=1000, sample_every=0,
+  c.train = dict(num_steps=arg.steps, log_every=100, ckpt_every=1000,
                  max_checkpoints=1, stats_batches=4, progress_bar=True)
-  c.eval = dict(at_end=True)
+  # R² per channel on unseen clips and the export, at the end (evals/runner.py).
+  c.evals = dict(accuracy=runner.evaluator("face_reader", at_end=True))
   return config_lib.lock(c)

@@ -336,3 +336,20 @@ def load_accuracy(path: str | None = None) -> dict | None:
     return None
   with open(p) as f:
     return json.load(f)
+
+
+def _register_evaluator():
+  """The `face_reader` evaluator type (config.evals.<name> = runner.evaluator("face_reader")):
+  R² per channel on unseen clips and the export, i.e. `System.evaluate`."""
+  from avatar_jax.evals import runner  # pylint: disable=g-import-not-at-top
+
+  if "face_reader" in runner.types():
+    return
+
+  @runner.register("face_reader")
+  def _evaluate(ctx, cfg):  # pylint: disable=unused-argument
+    return ctx.system.evaluate(ctx.model, ctx.config, ctx.workdir, writer=ctx.writer,
+                               step=ctx.step or 0)
+
+
+_register_evaluator()
