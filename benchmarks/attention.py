@@ -24,7 +24,7 @@ random normal data so repeated calls do not hit in L2) ended by block_until_read
 k. Each sample also carries one host dispatch and one sync (≈ 0.3–0.6 ms for every
 implementation here), so short samples of slow calls (k = 3–4 at 20 ms for forward+backward)
 read a few % high; `--sample_ms 100` gives numbers closer to back-to-back throughput
-(docs/notes/attention_gpu.md, runs 89–92). The median sample is reported, with the (max −
+(docs/notes/attention_gpu_runs.md, runs 89–92). The median sample is reported, with the (max −
 min)/median spread in the JSON. FLOP convention: forward = 4·B·H·Nq·Nk·D (two matmuls, every
 pair counted, no causal discount — the benchmark shapes have no mask), forward+backward = 3.5×
 that (the usual 2 + 5 matmul count). Band skipping is reported against the dense FLOP count, so

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -658,3 +661,17 @@ def test_package_exports_the_public_entry_points():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(api_lib.gaussian_attention(
       q, k, v, t, t, sigma)))
   assert callable(sharded_gaussian_attention)
+
+
+def test_package_import_loads_no_pallas_backend():
+  """Importing the package (and its two entry points) leaves the Pallas modules unimported."""
+  code = ("import sys\n"
+          "from avatar_jax.kernels.gaussian_attention import gaussian_attention, "
+          "sharded_gaussian_attention\n"
+          "bad = [m for m in ('jax.experimental.pallas', 'jax.experimental.pallas.mosaic_gpu',\n"
+          "       'avatar_jax.kernels.gaussian_attention.pallas_gpu',\n"
+          "       'avatar_jax.kernels.gaussian_attention.pallas_tpu') if m in sys.modules]\n"
+          "assert not bad, bad\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 Implements the backend contract of :mod:`common` (``forward`` / ``backward``).
 
-Design (see docs/notes/attention_gpu.md for measurements):
+Design (docs/notes/attention_gpu.md gives the reasons and the current numbers):
 
 * Forward: persistent, one CTA per multiprocessor walking (batch, head, query tile) items.
   A CTA = 3 warpgroups. Warpgroups 0 and 1 each own ``block_q`` query rows of the item (a
@@ -11,7 +11,8 @@ Design (see docs/notes/attention_gpu.md for measurements):
   run on wgmma with fp32 accumulators, Q and P from registers; the two compute warpgroups take
   turns on the tensor cores through two hardware named barriers (each waits on its own before
   P·V and signals the other's after issuing Q·Kᵀ), so one's exponentials overlap the other's
-  matmuls; the wait for the next K tile is issued while the P·V product runs.
+  matmuls; the wait for the next K tile is issued while the P·V product runs. Ring slots go
+  back to the memory warpgroup through hardware barriers as well.
 * The Gaussian term is folded into per-position vectors: with g_h = sqrt(log2(e) / (2σ_h²)),
   ``(t_q − t_k)²·log2(e)/(2σ_h²) = (g_h·t_q − g_h·t_k)²``, so the kernel needs one float per
   query row and one per key column and never sees σ. The backward kernels work with logits
@@ -26,8 +27,11 @@ Design (see docs/notes/attention_gpu.md for measurements):
   (CTA owns 2·block_kv keys, streams query blocks) and dQ (CTA owns 2·block_q queries, streams
   key blocks). Independent products are issued in pairs with one wait (Sᵀ and dPᵀ, then dV
   and dK; S and dP). No atomics: dσ partial sums are written per (batch, head, key row) and
-  summed outside. For grouped heads a dK/dV CTA streams the query blocks of every query head
-  of its K/V head, so dK/dV are summed over the group in its fp32 accumulators.
+  summed outside. The dQ kernel also returns pen̄ (the P-weighted mean of each query row's
+  Gaussian term), which keeps dσ free of the cancellation in Σ_j dS_ij = 0. The backward's
+  ring releases use mbarriers. For grouped heads a dK/dV CTA streams the query blocks of
+  every query head of its K/V head, so dK/dV are summed over the group in its fp32
+  accumulators.
 
 All block sizes are multiples of 64 (wgmma/TMA tiling). Sequence lengths need not be: the
 per-position vectors (times, segment ids) are padded up to the tiles outside the kernels
@@ -39,7 +43,8 @@ copy of the operands is made (other lengths are padded to the next multiple of 8
 ``interpret=True`` the operands are padded to whole tiles.
 
 Interpret mode (``interpret=True``) runs the same kernels under Mosaic GPU's CPU interpreter
-(jax >= 0.10): same grid, warpgroups, TMA copies, barriers and loops. The interpreter has no
+(jax >= 0.10): same grid, warpgroups, TMA copies, barriers and loops, with mbarriers where the
+compiled forward uses hardware barriers (the interpreter has none). It also has no
 ``run_state``, ``plgpu.load``, ``layout_cast`` or transposed wgmma operand, so there the
 matmuls are plain dots of the loaded tiles and vectors are read without layouts
 (:func:`_mm`, :func:`_mma`, :func:`_load`, :func:`_cast`); wgmma itself runs only on a GPU.
@@ -60,7 +65,7 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _M_INIT = -1e30  # Finite running-max start: exp2(m_old − m_new) never sees inf − inf.
 
-# Tuning knobs (measured on an H200; docs/notes/attention_gpu.md has the numbers):
+# Tuning knobs (defaults measured on an H200; docs/notes/attention_gpu_runs.md has every run):
 # block_* / num_stages*: tile sizes and the depth of the shared-memory ring; head dims <= 64
 # use taller query tiles (fewer CTAs, whose fill and drain are otherwise exposed when Nk is
 # short). regs / regs_bwd: registers per thread of each compute warpgroup (the memory
