@@ -376,8 +376,11 @@ class _Prep:
     # Gaussian coordinate: (g·t_q − g·t_k)² is the Gaussian term in log2 units, or in q·k
     # units (divided by scale·log2 e) for the forward kernel.
     g = jnp.sqrt(self.inv * (LOG2E / self.scale_log2 if qk_units else LOG2E))
-    # A common reference time for both sides keeps g·t small without changing differences.
-    t0 = jnp.minimum(tq[:, :1], tk[:, :1])
+    # A common reference time for both sides, the middle of their joint span, keeps |g·t| (and
+    # so the float32 rounding of each coordinate) smallest without changing differences.
+    t_lo = jnp.minimum(jnp.min(tq, axis=1, keepdims=True), jnp.min(tk, axis=1, keepdims=True))
+    t_hi = jnp.maximum(jnp.max(tq, axis=1, keepdims=True), jnp.max(tk, axis=1, keepdims=True))
+    t0 = 0.5 * (t_lo + t_hi)
     self.g, self.t_ref = g, t0
     self.qvec = position_vectors(tq, qs, g, spec, keys=False, t_ref=t0)
     self.kvec = position_vectors(tk, ks, g, spec, keys=True, t_ref=t0)
