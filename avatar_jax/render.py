@@ -63,6 +63,34 @@ def motion_frames(config: ml_collections.ConfigDict, motion, batch: Mapping[str,
       for m, p, i, j in zip(motion, partner, batch["identity_self"], batch["identity_partner"])])
 
 
+def flame56_frames(config: ml_collections.ConfigDict, flame56, batch: Mapping[str, np.ndarray]
+                   ) -> np.ndarray:
+  """Decodes FLAME 56-d outputs [B, T, 56] (exp 0:50, jaw 50:53, pose 53:56) into uint8 frames
+  [B, T, H, 2W, 3] through the inverse of SynthDyad's export map (`synthdyad.flame.from_flame56`:
+  the least-squares read-back of the six expression channels, jaw and head pose).
+
+  The partner (right half) is batch['flame56_partner'] (or 'motion_partner') where the batch has
+  it, else drawn still; identities come from batch['identity_self'/'identity_partner'] where they
+  are SynthDyad ids (>= 0), else the first two test identities (data without SynthDyad identities,
+  e.g. DualTalk).
+  """
+  from avatar_jax.data.synthdyad import flame  # pylint: disable=g-import-not-at-top
+  motion = flame.from_flame56(np.asarray(flame56, np.float32))
+  if "flame56_partner" in batch:
+    partner = flame.from_flame56(np.asarray(batch["flame56_partner"], np.float32))
+  elif "motion_partner" in batch:
+    partner = np.asarray(batch["motion_partner"], np.float32)
+  else:
+    partner = np.zeros_like(motion)
+  b = len(motion)
+  fallback = default_identities()
+  ids = {}
+  for n, key in enumerate(("identity_self", "identity_partner")):
+    got = np.asarray(batch.get(key, np.full(b, -1)), np.int64).reshape(b)
+    ids[key] = np.where(got >= 0, got, fallback[n])
+  return motion_frames(config, motion, {"motion_partner": partner, **ids})
+
+
 def partner_from_audio(audio: np.ndarray, num_frames: int, sample_rate: int, fps: int) -> np.ndarray:
   """Motion [T, C] of a partner known only by its voice: SynthDyad's rule for a speaker's jaw
   (its own audio envelope), everything else at rest."""

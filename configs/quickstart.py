@@ -10,18 +10,21 @@ Should reach, on the test split: lip_corr >= 0.6, jaw_leak <= 0.05, in <= 10 min
 
 Arguments (`--config configs/quickstart.py:steps=300,width=64`):
   steps, width, depth, batch, attn (gaussian | global | frame), learn_sigma, eval_clips, seed,
-  clip_frames, dtype (compute: float32 | bfloat16; float32 keeps CPU runs exact).
+  clip_frames, dtype (compute: float32 | bfloat16; float32 keeps CPU runs exact),
+  w2v (a folder written by `python -m avatar_jax.convert wav2vec2`: a frozen wav2vec2 front end
+  replaces the log-mels, see models/audio.py).
 """
 from avatar_jax import config_lib
 from avatar_jax.data import pipeline
 from avatar_jax.evals import runner
+from avatar_jax.models import audio
 from avatar_jax.models.motion import motion_dit
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=800, width=64, depth=2, batch=16, attn="gaussian",
                              learn_sigma=True, eval_clips=32, seed=0, clip_frames=100,
-                             dtype="float32")
+                             dtype="float32", w2v="")
   c = config_lib.ml_collections.ConfigDict()
   c.seed = arg.seed
   c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
@@ -48,6 +51,8 @@ def get_config(arg=None):
                  stats_batches=4, progress_bar=True)
   # Evaluators (evals/runner.py; they run in name order): a sample mp4 every 400 steps and at the
   # end (samples/step_*.mp4), then the SynthDyad table on whole test clips (eval/test.{md,json}).
+  if arg.w2v:
+    audio.use_wav2vec2(c, arg.w2v)
   c.evals = dict(
       sample=runner.evaluator("video", split="test", every=400, at_end=True),
       test=runner.evaluator("synthdyad", split="test", num_clips=arg.eval_clips, baselines=True,

@@ -86,13 +86,12 @@ def _dit_config(dtype="float32"):
 
 
 def _dit(dtype="float32"):
-  return motion_dit.MotionDiT(_dit_config(dtype), fps=25, mel_rate=50, n_mels=8,
-                              rngs=nnx.Rngs(0))
+  facts = dict(fps=25, mel_rate=50.0, n_mels=8, sample_rate=16000)
+  return motion_dit.MotionDiT(_dit_config(dtype), facts=facts, rngs=nnx.Rngs(0))
 
 
 def _dit_loss(model, batch):
-  audio = model.encode_audio(batch["mel_self"], batch["mel_partner"],
-                             jnp.zeros((8,), bool), jnp.zeros((8,), bool))
+  audio = model.encode_audio(batch, jnp.zeros((8,), bool), jnp.zeros((8,), bool))
   v = model(batch["x"], batch["t"], audio)
   return jnp.mean(jnp.square(v - batch["x"]))
 
@@ -109,14 +108,12 @@ def test_bf16_compute_keeps_float32_params_and_output():
   model = _dit("bfloat16")
   assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(F32)}
   b = _batch()
-  audio = model.encode_audio(b["mel_self"], b["mel_partner"], jnp.zeros((8,), bool),
-                             jnp.zeros((8,), bool))
+  audio = model.encode_audio(b, jnp.zeros((8,), bool), jnp.zeros((8,), bool))
   assert audio[0].dtype == jnp.bfloat16
   v = model(b["x"], b["t"], audio)
   assert v.dtype == F32
   ref = _dit("float32")
-  v32 = ref(b["x"], b["t"], ref.encode_audio(b["mel_self"], b["mel_partner"],
-                                             jnp.zeros((8,), bool), jnp.zeros((8,), bool)))
+  v32 = ref(b["x"], b["t"], ref.encode_audio(b, jnp.zeros((8,), bool), jnp.zeros((8,), bool)))
   np.testing.assert_allclose(v, v32, atol=5e-2)  # same weights, bf16 rounding only
 
 

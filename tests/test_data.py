@@ -665,3 +665,59 @@ def test_prefetch_to_device_ends_and_reraises():
   with pytest.raises(ValueError, match="divisible"):
     next(bad)
   bad.close()
+
+
+def test_synthdyad_export_reads_back_through_the_dualtalk_builder(tmp_path):
+  """SynthDyad's 56-d export in DualTalk's layout, built by the dualtalk builder, gives the
+  SynthDyad source's own flame56 tracks and voices (16-bit rounding of the audio aside)."""
+  from avatar_jax.data.synthdyad import export  # pylint: disable=g-import-not-at-top
+  export.export(str(tmp_path / "dt"), {"test": 2})
+  data_dir = str(tmp_path / "tfds")
+  build_lib.build("dualtalk", data_dir=data_dir, manual_dir=str(tmp_path / "dt"))
+  built = tfds.data_source("dualtalk", split="test", data_dir=data_dir)
+  src = pipeline.SynthDyadSource("test", 4, render=False)
+  assert len(built) == 4
+  for k in range(2):
+    want = src.get(2 * k, render=False)
+    for me, (a, b) in enumerate((("self", "partner"), ("partner", "self"))):
+      rec = built[2 * k + me]
+      t = len(rec["flame56_self"])
+      assert t == len(want["flame56_self"])
+      np.testing.assert_allclose(rec["flame56_self"], want[f"flame56_{a}"], atol=1e-6)
+      np.testing.assert_allclose(rec["flame56_partner"], want[f"flame56_{b}"], atol=1e-6)
+      np.testing.assert_allclose(rec["audio_self"], want[f"audio_{a}"][:t * 640], atol=1e-4)
+
+
+def test_dualtalk_builder_rejects_broken_conversations(tmp_path):
+  """Missing partner, NaNs, and length mismatches beyond 0.2 s are errors naming the file;
+  within the tolerance every track is cropped to the shortest."""
+  def folder(name, edit):
+    root = tmp_path / name
+    _write_dualtalk_folder(root, np.random.default_rng(0), {"train": [("q", 40)]})
+    edit(root / "train")
+    return str(root)
+
+  def build(root):
+    build_lib.build("dualtalk", data_dir=str(tmp_path / ("tfds_" + os.path.basename(root))),
+                    manual_dir=root)
+
+  with pytest.raises(FileNotFoundError, match=r"q_speaker2.npz \(the partner of q_speaker1.npz"):
+    build(folder("nopartner", lambda d: os.remove(d / "q_speaker2.npz")))
+
+  def nan(d):
+    z = dict(np.load(d / "q_speaker1.npz"))
+    z["exp"][7, 3] = np.nan
+    np.savez(d / "q_speaker1.npz", **z)
+  with pytest.raises(ValueError, match=r"q_speaker1.npz: key 'exp' has non-finite values \(first at frame 7"):
+    build(folder("nan", nan))
+
+  def longer(d):
+    z = dict(np.load(d / "q_speaker2.npz"))
+    np.savez(d / "q_speaker2.npz", exp=np.concatenate([z["exp"]] * 2), pose=np.concatenate([z["pose"]] * 2))
+  with pytest.raises(ValueError, match=r"speakers have 40 and 82 frames"):
+    build(folder("long", longer))
+
+  def short_audio(d):
+    scipy.io.wavfile.write(d / "q_speaker1.wav", 16000, np.zeros(16000, np.int16))
+  with pytest.raises(ValueError, match=r"q_speaker1: motion lasts 1.60 s .* but audio 1.00 s"):
+    build(folder("short", short_audio))

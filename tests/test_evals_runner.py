@@ -198,8 +198,24 @@ def test_flame56_space_is_scored_without_a_renderer(motion_run, tmp_path):
       for k, v in want.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=k)
       assert res["vid"] == {}   # no decode: no video, and no error
-    with pytest.raises(ValueError, match="generates 'flame56'"):
-      runner.run(Flame56(config, inner), model, config, str(tmp_path), only=["tab"], force=True)
+    # The SynthDyad table reads FLAME outputs back through the inverse export map: the same
+    # numbers as the motion they were exported from.
+    with config.unlocked():
+      config.evals.tab.baselines = False
+    tabs = [runner.run(cls(config, inner), model, config, str(tmp_path), only=["tab"],
+                       force=True)["tab"]["test"]["rows"]["model"] for cls in (Flame, Flame56)]
+    assert set(tabs[0]) == set(tabs[1]) and "jaw_leak" in tabs[0]
+    for k, v in tabs[0].items():
+      np.testing.assert_allclose(tabs[1][k], v, rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=k)
+    with config.unlocked():
+      config.evals.tab = dict(type="synthdyad", split="test", num_clips=CLIPS, batch_size=BATCH)
+
+    class Latent(_FlameSystem):
+      def generate(self, model, batch, rng, **options):
+        out = self.inner.generate(model, batch, rng, **options)
+        return system_lib.Outputs(value=out.value, space="video_latent")
+    with pytest.raises(ValueError, match="generates 'video_latent'"):
+      runner.run(Latent(config, inner), model, config, str(tmp_path), only=["tab"], force=True)
   finally:
     with config.unlocked():
       config.evals = harness.load_quickstart().evals

@@ -103,10 +103,14 @@ def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str,
   batch = runner.concat(chunks)
   rng = runner.rng_for(ctx, cfg)
   out = runner.generate(system, model, chunks, rng)
-  if out.space != "motion":
-    raise ValueError(f"config.evals.{ctx.name}: type 'synthdyad' scores SynthDyad motion, but "
-                     f"{type(system).__module__}.System generates {out.space!r}; use 'flame56'")
-  preds = {"model": out.value}
+  if out.space not in ("motion", "flame56"):
+    raise ValueError(f"config.evals.{ctx.name}: type 'synthdyad' scores SynthDyad motion (or FLAME "
+                     f"56-d through the inverse export map), but {type(system).__module__}.System "
+                     f"generates {out.space!r}; use 'flame56' or 'video'")
+  # FLAME 56-d outputs are read back as SynthDyad motion (flame.from_flame56, exact on the
+  # export's image), so the listening metrics (nod_f1, smile_resp, ...) apply to them too.
+  as_motion = (lambda v: np.asarray(v)) if out.space == "motion" else flame.from_flame56
+  preds = {"model": as_motion(out.value)}
   n = len(out.value)
   if baselines:
     if n < 2:
@@ -115,11 +119,11 @@ def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str,
     shuffled = dict(batch)
     order = np.roll(np.arange(n), -1)   # window i gets window i+1's audio
     for k in keys:
-      if k.startswith("mel_"):
+      if k.startswith(("mel_", "audio_")):   # both voices, whichever front end reads them
         shuffled[k] = batch[k][order]
-    preds["shuffled audio"] = runner.generate(
-        system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng).value
-    preds["mean motion"] = np.broadcast_to(np.asarray(model.mean[...]), out.value.shape)
+    preds["shuffled audio"] = as_motion(runner.generate(
+        system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng).value)
+    preds["mean motion"] = as_motion(np.broadcast_to(np.asarray(model.mean[...]), out.value.shape))
   batch["_frames"] = np.full(n, out.value.shape[1])
   samples = truth(ctx.config, split, batch)
   if baselines:

@@ -17,6 +17,7 @@ from absl import logging
 from avatar_jax import render
 from avatar_jax import system as system_lib
 from avatar_jax.data import features, media, pipeline
+from avatar_jax.data.synthdyad import flame
 from avatar_jax.evals import runner
 
 AUDIO_KEYS = ("audio_self", "audio_partner")
@@ -26,7 +27,11 @@ def clip_video(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
                path: str, rng: jax.Array) -> np.ndarray:
   """Generates eval window `index` of `split`, writes it to `path` with both voices; returns its
   frames uint8 [T, H, W, 3]."""
-  keys = ctx.system.data_spec().keys + AUDIO_KEYS + ("motion_partner",)
+  # The partner is drawn from its true motion: SynthDyad coefficients where the source has them,
+  # else its FLAME 56-d track (recorded data such as DualTalk).
+  raw = pipeline.make_source(ctx.config.data, split).keys
+  partner = ("motion_partner",) if "motion_partner" in raw else ("flame56_partner",)
+  keys = ctx.system.data_spec().keys + AUDIO_KEYS + partner
   cfg = ml_collections.ConfigDict({**cfg.to_dict(), "num_clips": index + 1, "batch_size": 1})
   batch = list(runner.batches(ctx, cfg, keys, split))[index]
   out = runner.generator(ctx.system, ctx.model)(batch, rng)
@@ -54,9 +59,12 @@ def wav_video(system: system_lib.System, model, config: ml_collections.ConfigDic
   mel_cfg = features.mel_config_from(config.data.features)
   ids = identities or render.default_identities()
   num_frames = int(round(n * fps / sr))
+  partner = render.partner_from_audio(a_partner, num_frames, sr, fps)
   batch = {"mel_self": features.log_mel(a_self, mel_cfg)[None],
            "mel_partner": features.log_mel(a_partner, mel_cfg)[None],
-           "motion_partner": render.partner_from_audio(a_partner, num_frames, sr, fps)[None],
+           "audio_self": a_self[None], "audio_partner": a_partner[None],   # wav2vec2 front ends
+           "motion_partner": partner[None],
+           "flame56_partner": flame.to_flame56(partner)[None],
            "identity_self": np.array([ids[0]], np.int32),
            "identity_partner": np.array([ids[1]], np.int32)}
   out = runner.generator(system, model)(batch, rng)

@@ -22,6 +22,7 @@ from avatar_jax import render, sharding
 from avatar_jax import system as system_lib
 from avatar_jax.data import features, pipeline
 from avatar_jax.diffusion import flow, guidance, samplers
+from avatar_jax.models import audio as audio_lib
 from avatar_jax.models.attention import TimeAttention
 from avatar_jax.models.layers import AdaLN, Conv1d, Mlp, dense, layer_norm, timestep_embedding
 
@@ -76,12 +77,13 @@ class Block(nnx.Module):
 
 
 class MotionDiT(nnx.Module):
-  """cfg: config.model; fps, mel_rate, n_mels: data facts (`pipeline.facts(config.data)`)."""
+  """cfg: config.model; facts: the data facts (`pipeline.facts(config.data)`: fps, mel_rate,
+  n_mels, sample_rate)."""
 
-  def __init__(self, cfg, *, fps: float, mel_rate: float, n_mels: int, rngs: nnx.Rngs, stats=None):
+  def __init__(self, cfg, *, facts: dict, rngs: nnx.Rngs, stats=None):
     d, c = cfg.width, cfg.channels
     self.cfg = cfg
-    self.fps, self.mel_rate = float(fps), float(mel_rate)
+    self.fps, self.mel_rate = float(facts["fps"]), float(facts["mel_rate"])
     stats = stats or {"mean": np.zeros(c, np.float32), "std": np.ones(c, np.float32)}
     self.mean = Stats(jnp.asarray(stats["mean"], jnp.float32))
     self.std = Stats(jnp.asarray(stats["std"], jnp.float32))
@@ -89,8 +91,11 @@ class MotionDiT(nnx.Module):
     # attention run the fused GPU/TPU kernels; statistics, σ and the loss stay float32.
     self.dtype = jnp.dtype(cfg.get("dtype", "float32"))
     kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
-    self.enc_self = AudioEncoder(n_mels, d, **kw)
-    self.enc_partner = AudioEncoder(n_mels, d, **kw)
+    # Log-mel or a frozen wav2vec2 (config.model.audio), both at the mel rate.
+    self.front = audio_lib.FrontEnd(audio_lib.config_of(cfg), facts, rngs=rngs)
+    n_in = audio_lib.feature_dim(audio_lib.config_of(cfg), facts)
+    self.enc_self = AudioEncoder(n_in, d, **kw)
+    self.enc_partner = AudioEncoder(n_in, d, **kw)
     init = nnx.initializers.normal(0.02)
     self.null_self = nnx.Param(init(rngs.params(), (d,)), sharding=("embed",), eager_sharding=False)
     self.null_partner = nnx.Param(init(rngs.params(), (d,)), sharding=("embed",), eager_sharding=False)
@@ -102,10 +107,11 @@ class MotionDiT(nnx.Module):
     # The output projection computes in float32: the velocity feeds a float32 loss / ODE.
     self.out = dense(d, c, ("embed", None), rngs=rngs, zero_init=True, dtype=jnp.float32)
 
-  def encode_audio(self, mel_self, mel_partner, drop_self, drop_partner):
-    """Audio tokens [B, Ta, D] per stream; a dropped stream becomes its null token."""
-    a_s = self.enc_self(mel_self)
-    a_p = self.enc_partner(mel_partner)
+  def encode_audio(self, batch, drop_self, drop_partner):
+    """Audio tokens [B, Ta, D] per stream (from the front end's features of `batch`); a dropped
+    stream becomes its null token."""
+    a_s = self.enc_self(self.front(batch, "self"))
+    a_p = self.enc_partner(self.front(batch, "partner"))
     a_s = jnp.where(drop_self[:, None, None], self.null_self[...].astype(a_s.dtype), a_s)
     a_p = jnp.where(drop_partner[:, None, None], self.null_partner[...].astype(a_p.dtype), a_p)
     return a_s, a_p
@@ -142,11 +148,14 @@ def default_config() -> ml_collections.ConfigDict:
       attention=dict(mode="gaussian", sigma_range=(0.04, 2.0), self_sigma_range=(0.08, 2.0),
                      learn_sigma=True, window=0.04, implementation="auto"),
       sample=dict(steps=16, method="euler", guidance=(1.0, 1.0)),
+      audio=audio_lib.front_end_config(),
   ))
 
 
 class System(system_lib.System):
   """Flow-matching loss, data statistics and guided sampling for MotionDiT."""
+
+  trainable = audio_lib.TRAINABLE   # everything but a frozen wav2vec2 front end
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
@@ -154,15 +163,13 @@ class System(system_lib.System):
     self.facts = pipeline.facts(config.data)
 
   def data_spec(self) -> system_lib.DataSpec:
-    keys = ("motion_self", "mel_self", "mel_partner")
+    keys = ("motion_self",) + audio_lib.keys(audio_lib.config_of(self.cfg))
     if self.cfg.use_partner_motion:
       keys += ("motion_partner",)
     return system_lib.DataSpec(keys=keys)
 
   def build(self, *, rngs: nnx.Rngs, stats=None) -> MotionDiT:
-    f = self.facts
-    return MotionDiT(self.cfg, fps=f["fps"], mel_rate=f["mel_rate"], n_mels=f["n_mels"], rngs=rngs,
-                     stats=stats)
+    return MotionDiT(self.cfg, facts=self.facts, rngs=rngs, stats=stats)
 
   def fit_stats(self, batches):
     m = np.concatenate([np.asarray(b["motion_self"]).reshape(-1, self.cfg.channels) for b in batches])
@@ -178,20 +185,23 @@ class System(system_lib.System):
     t = flow.sample_t(r_t, (b,), self.cfg.t_sampler)
     drop_s = jax.random.bernoulli(r_ds, self.cfg.cond_drop, (b,))
     drop_p = jax.random.bernoulli(r_dp, self.cfg.cond_drop, (b,))
-    audio = model.encode_audio(batch["mel_self"], batch["mel_partner"], drop_s, drop_p)
+    audio = model.encode_audio(batch, drop_s, drop_p)
     v = model(flow.interpolate(x1, x0, t), t, audio, batch.get("motion_partner"))
     loss = flow.loss(v, flow.target_velocity(x1, x0))
     return loss, {"flow_mse": loss}
 
   def generate(self, model: MotionDiT, batch, rng, *, steps=None, method=None, guidance_scales=None,
                num_frames=None) -> system_lib.Outputs:
-    """Motion for `batch` (mel_self, mel_partner [B, Ta, M]; motion_partner [B, T, C] when the
-    model conditions on it) -> Outputs(value=motion [B, T, C], space="motion")."""
+    """Motion for `batch` (mel_self, mel_partner [B, Ta, M], or audio_self, audio_partner [B, S]
+    with the wav2vec2 front end; motion_partner [B, T, C] when the model conditions on it)
+    -> Outputs(value=motion [B, T, C], space="motion")."""
     cfg = self.cfg.sample
     steps = steps or cfg.steps
     method = method or cfg.method
     scales = tuple(cfg.guidance if guidance_scales is None else guidance_scales)
-    b, ta = batch["mel_self"].shape[:2]
+    acfg = audio_lib.config_of(self.cfg)
+    b = batch[audio_lib.keys(acfg)[0]].shape[0]
+    ta = audio_lib.mel_frames(acfg, batch, "self", self.facts)
     mp = batch.get("motion_partner")
     if self.cfg.use_partner_motion and mp is None:
       raise KeyError("model.use_partner_motion=True: generate needs batch['motion_partner'] [B, T, C]; "
@@ -205,8 +215,7 @@ class System(system_lib.System):
     masks = guidance.nested_drop_masks(2)
     if all(s == 1.0 for s in scales):
       masks = masks[-1:]
-    audios = [model.encode_audio(batch["mel_self"], batch["mel_partner"], ones & ds, ones & dp)
-              for ds, dp in masks]
+    audios = [model.encode_audio(batch, ones & ds, ones & dp) for ds, dp in masks]
 
     def velocity(x, t):
       vs = [model(x, t, a, mp) for a in audios]

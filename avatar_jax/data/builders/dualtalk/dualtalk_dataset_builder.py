@@ -11,6 +11,19 @@ ood (those present), each holding per conversation `<name>_speaker1.npz`, `<name
 `pose` `[T, 6]` (axis-angle: `pose[:, 0:3]` global head/neck rotation, `pose[:, 3:6]` jaw), at
 25 fps; other keys (e.g. `shape`) are ignored.
 
+Checks, each a clear error naming the file: a missing partner (`_speaker2.*` for a `_speaker1.*`
+and the wav of each npz), NaN or infinite values in motion or audio, and length mismatches beyond
+`LENGTH_TOLERANCE_S` (0.2 s = 5 frames) between the two speakers' motion or between a speaker's
+motion and its audio; within the tolerance, every track is cropped to the shortest. Audio at any
+other sample rate is resampled to 16 kHz (a log line says so): recordings come at 44.1/48 kHz, and
+the rate carries no information the models use.
+
+Training windows (`config.data.clip_frames`, 200 frames = 8 s for DualTalk/TIMAR) are cut by the
+pipeline from the whole clips stored here; each window carries its own start frame. (DualTalk's
+released loader builds per-chunk metadata in a loop that leaves every chunk of a file pointing at
+the file's last chunk, so its training sees one window per file; TIMAR's loader copies it. We do not
+reproduce that.)
+
 The 56-d layout is DualTalk's own model input, `concat(exp, pose[:, 3:6], pose[:, 0:3])`:
 exp 0:50, jaw 50:53, head pose 53:56 (`to_flame56`). Every conversation gives two records, one per
 speaker as "self" (keys `flame56_self/partner`, `audio_self/partner` at 16 kHz, `name`,
@@ -29,6 +42,7 @@ from avatar_jax.data.builders import _compat  # noqa: F401  pylint: disable=unus
 
 FPS = 25
 SAMPLE_RATE = 16000
+LENGTH_TOLERANCE_S = 0.2
 SPLITS = ("train", "test", "ood")
 _SUFFIX = "_speaker1.npz"
 
@@ -56,10 +70,56 @@ def load_speaker_npz(path: str) -> np.ndarray:
       if a.ndim != 2 or a.shape[1] != width:
         raise ValueError(f"{path}: key {key!r} must have shape [T, {width}], found {a.shape}.")
       arrays[key] = a
+  for key, a in arrays.items():
+    if not np.all(np.isfinite(a)):
+      bad = np.argwhere(~np.isfinite(a))[0]
+      raise ValueError(f"{path}: key {key!r} has non-finite values (first at frame {bad[0]}, "
+                       f"column {bad[1]}); fix or drop this clip.")
   if arrays["exp"].shape[0] != arrays["pose"].shape[0]:
     raise ValueError(f"{path}: 'exp' has {arrays['exp'].shape[0]} frames but 'pose' has "
                      f"{arrays['pose'].shape[0]}.")
   return to_flame56(arrays["exp"], arrays["pose"])
+
+
+def load_conversation(folder: str, name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Both speakers' ([T_k, 56] motion, [S_k] 16 kHz audio) of conversation `name`, checked:
+  partner present, finite, lengths within LENGTH_TOLERANCE_S (see the module docstring)."""
+  from avatar_jax.data import features, media  # pylint: disable=g-import-not-at-top
+  flame, audio = [], []
+  for k in (1, 2):
+    stem = os.path.join(folder, f"{name}_speaker{k}")
+    if not os.path.exists(stem + ".npz"):
+      raise FileNotFoundError(f"DualTalk motion file not found: {stem}.npz (the partner of "
+                              f"{name}_speaker{3 - k}.npz; every conversation needs both speakers)")
+    flame.append(load_speaker_npz(stem + ".npz"))
+    if not os.path.exists(stem + ".wav"):
+      raise FileNotFoundError(f"DualTalk audio file not found: {stem}.wav")
+    a, rate = media.read_audio_with_rate(stem + ".wav")
+    if rate != SAMPLE_RATE:
+      logging.info("%s.wav: %d Hz, resampled to %d Hz.", stem, rate, SAMPLE_RATE)
+      a = features.resample(a, rate, SAMPLE_RATE)
+    if not np.all(np.isfinite(a)):
+      raise ValueError(f"{stem}.wav: non-finite audio samples; fix or drop this clip.")
+    audio.append(a)
+  tol = LENGTH_TOLERANCE_S
+  if abs(len(flame[0]) - len(flame[1])) > tol * FPS:
+    raise ValueError(
+        f"{os.path.join(folder, name)}_speaker{{1,2}}.npz: the speakers have {len(flame[0])} and "
+        f"{len(flame[1])} frames at {FPS} fps, more than {tol} s apart; the tracks are not aligned.")
+  for k, (f, a) in enumerate(zip(flame, audio), start=1):
+    if abs(len(a) / SAMPLE_RATE - len(f) / FPS) > tol:
+      raise ValueError(
+          f"{os.path.join(folder, name)}_speaker{k}: motion lasts {len(f) / FPS:.2f} s "
+          f"({len(f)} frames at {FPS} fps) but audio {len(a) / SAMPLE_RATE:.2f} s, more than "
+          f"{tol} s apart.")
+  t = min(len(f) for f in flame)
+  if len(flame[0]) != len(flame[1]):
+    logging.info("%s: speakers have %d and %d frames; cropping to %d.", name,
+                 len(flame[0]), len(flame[1]), t)
+  # Audio shorter than the motion by less than the tolerance is zero-padded (silence).
+  s = t * SAMPLE_RATE // FPS
+  audio = [np.pad(a[:s], (0, max(0, s - len(a)))) for a in audio]
+  return flame, audio
 
 
 def conversations(folder: str) -> list[str]:
@@ -115,24 +175,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return splits
 
   def _generate_examples(self, folder: str):
-    from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
-
     names = conversations(folder)
     if not names:
       raise FileNotFoundError(f"{folder}: no <name>{_SUFFIX} files.")
     for n, name in enumerate(names):
-      flame, audio = [], []
-      for k in (1, 2):
-        stem = os.path.join(folder, f"{name}_speaker{k}")
-        flame.append(load_speaker_npz(stem + ".npz"))
-        if not os.path.exists(stem + ".wav"):
-          raise FileNotFoundError(f"DualTalk audio file not found: {stem}.wav")
-        audio.append(media.read_audio(stem + ".wav", target_sr=SAMPLE_RATE))
+      flame, audio = load_conversation(folder, name)
       t = min(len(f) for f in flame)
-      if len(flame[0]) != len(flame[1]):
-        logging.info("%s: speakers have %d and %d frames; cropping to %d.", name,
-                     len(flame[0]), len(flame[1]), t)
-      s = min(len(a) for a in audio)
+      s = t * SAMPLE_RATE // FPS
       for me in (0, 1):
         other = 1 - me
         yield 2 * n + me, {  # integer keys: written in this order (disable_shuffling)
