@@ -1,6 +1,6 @@
 """Evaluate trained runs: `python -m avatar_jax.evaluate --workdir DIR [--split test,ood]
 [--num_clips N] [--evals name,...] [--table timar|synthdyad|synthdyad_ablation|dualtalk|
-avatar_forcing|echo] [--seeds 0,1,2]`.
+avatar_forcing|echo] [--seeds 0,1,2] [--options history_turns=0]`.
 
 Loads the last checkpoint (EMA weights) and its config from `--workdir` and runs the metric
 evaluators the config declares (`config.evals`, see evals/runner.py; sample videos are left to
@@ -21,7 +21,7 @@ from avatar_jax.evals import motion, runner, tables
 
 def _define_flags():
   """CLI flags, defined only when run as a program."""
-  global _WORKDIR, _NAMES, _SPLITS, _CLIPS, _EVALS, _TABLE, _SEEDS, _SAVED, _REFS, _OUT
+  global _WORKDIR, _NAMES, _SPLITS, _CLIPS, _EVALS, _TABLE, _SEEDS, _SAVED, _REFS, _OUT, _OPTIONS
   _WORKDIR = flags.DEFINE_list("workdir", None, "Training workdir(s) (checkpoints + config).")
   _NAMES = flags.DEFINE_list("names", None, "Row label per workdir (default: its basename); "
                              "workdirs with the same label are averaged (mean ± 95% CI).")
@@ -38,6 +38,8 @@ def _define_flags():
                              "end of training instead of re-evaluating.")
   _REFS = flags.DEFINE_bool("references", False, "With --table: add the reference rows "
                             "(shuffled audio, mean motion, ground truth).")
+  _OPTIONS = flags.DEFINE_list("options", None, "With --table: `system.generate` options as "
+                               "name=value (numbers parsed), e.g. history_turns=0 for TIMAR.")
   _OUT = flags.DEFINE_string("out", None, "Where to write <out>.md/.json (default: "
                              "<first workdir>/eval/table_<table>).")
 
@@ -58,6 +60,24 @@ def _evaluate(workdir: str) -> None:
         print(res["text"] + "\n")
 
 
+def _parse_options(items):
+  if not items:
+    return None
+  out = {}
+  for item in items:
+    name, eq, value = item.partition("=")
+    if not eq:
+      raise app.UsageError(f"--options {item!r}: expected name=value")
+    for cast in (int, float):
+      try:
+        value = cast(value)
+        break
+      except ValueError:
+        pass
+    out[name] = value
+  return out
+
+
 def main(argv):
   del argv
   workdirs = _WORKDIR.value
@@ -74,7 +94,8 @@ def main(argv):
     rows = motion.saved_rows(workdirs, names, splits, references=_REFS.value)
   else:
     rows = motion.table_rows(workdirs, names, splits, [int(s) for s in _SEEDS.value], _CLIPS.value,
-                             _TABLE.value, references=_REFS.value)
+                             _TABLE.value, references=_REFS.value,
+                             options=_parse_options(_OPTIONS.value))
   out = _OUT.value or os.path.join(workdirs[0], "eval", f"table_{_TABLE.value}")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tables.write_table(_TABLE.value, rows, out)

@@ -153,7 +153,9 @@ def test_system_encoder_stores_its_outputs_at_their_rate(monkeypatch, tmp_path):
   assert meta["encoder"] == f"{tmp_path / 'run'}@7"
   assert meta["keys"]["latent"] == dict(dtype="<f4", shape=[40], per_frame=0.2)
   assert set(meta["keys"]) == {"latent", "flame56_self", "flame56_partner", "motion_self",
-                               "motion_partner", "speaking_self", "speaking_partner"}
+                               "motion_partner", "speaking_self", "speaking_partner",
+                               "mel_self", "mel_partner", "mel_background", "mel_mix"}
+  assert meta["keys"]["mel_partner"]["per_frame"] == 2.0   # the audio features, beside the latents
   a = _as_arrays(c.data, root)
   clips = pipeline.clips(c.data, "train", keys=("mel_self",))  # on the fly
   arr = pipeline.make(a, "train", keys=("latent", "motion_self"), seed=0, shard_index=0,

@@ -8,7 +8,9 @@
                        so training reads precomputed features;
   encoder=<workdir>    a trained system, restored with `trainer.restore_model(workdir)`: its
                        `System.encode(model, batch) -> {key: [B, rows, ...]}` on batches of whole
-                       clips with its data spec's keys, stored beside the per-frame targets.
+                       clips with its data spec's keys, stored beside the per-frame targets and
+                       the whole-clip log-mels (a video VAE's latents + the audio features a
+                       latent DiT trains on).
 
 Resumable: each split is written in shards of `shard_size` examples; a shard counts as done when
 its marker file exists (written after the shard is closed), so a rerun skips finished shards and
@@ -71,7 +73,8 @@ def mel_encoder(data: ml_collections.ConfigDict, split: str) -> Encoder:
 
 
 def system_encoder(config: ml_collections.ConfigDict, workdir: str, split: str) -> Encoder:
-  """A trained system's `encode` hook (restored EMA weights), plus the per-frame targets."""
+  """A trained system's `encode` hook (restored EMA weights), plus the per-frame targets and the
+  log-mel of every audio stream."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
@@ -79,6 +82,7 @@ def system_encoder(config: ml_collections.ConfigDict, workdir: str, split: str) 
   system, model, _, step = trainer.restore_model(workdir)
   have = sources.make_source(config.data, split).keys
   targets = tuple(k for k in TARGET_KEYS if k in have)
+  targets += tuple(f"mel_{s}" for s in pipeline.STREAMS if f"audio_{s}" in have)
   spec_keys = tuple(system.data_spec().keys)
   encode = jax.jit(lambda b: system.encode(model, b))
 

@@ -102,7 +102,8 @@ def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str,
   chunks = list(runner.batches(ctx, cfg, keys, split))
   batch = runner.concat(chunks)
   rng = runner.rng_for(ctx, cfg)
-  out = runner.generate(system, model, chunks, rng)
+  opts = runner.options(cfg)
+  out = runner.generate(system, model, chunks, rng, **opts)
   if out.space not in ("motion", "flame56"):
     raise ValueError(f"config.evals.{ctx.name}: type 'synthdyad' scores SynthDyad motion (or FLAME "
                      f"56-d through the inverse export map), but {type(system).__module__}.System "
@@ -122,7 +123,7 @@ def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str,
       if k.startswith(("mel_", "audio_")):   # both voices, whichever front end reads them
         shuffled[k] = batch[k][order]
     preds["shuffled audio"] = as_motion(runner.generate(
-        system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng).value)
+        system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng, **opts).value)
     preds["mean motion"] = as_motion(np.broadcast_to(np.asarray(model.mean[...]), out.value.shape))
   batch["_frames"] = np.full(n, out.value.shape[1])
   samples = truth(ctx.config, split, batch)
@@ -178,7 +179,8 @@ def flame56(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str, An
   for split in runner.splits(cfg):
     keys = ctx.system.data_spec().keys + ("flame56_self", "flame56_partner")
     chunks = list(runner.batches(ctx, cfg, keys, split))
-    out = runner.generate(ctx.system, ctx.model, chunks, runner.rng_for(ctx, cfg))
+    out = runner.generate(ctx.system, ctx.model, chunks, runner.rng_for(ctx, cfg),
+                          **runner.options(cfg))
     pred = to_flame56(out.value, out.space)
     batch = runner.concat(chunks)
     agg, _ = dualtalk.evaluate_arrays(list(pred), list(batch["flame56_self"]),
@@ -195,11 +197,12 @@ def flame56(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str, An
 # ------------------------------------------------------------------------ published tables
 def table_rows(workdirs: Sequence[str], names: Sequence[str], splits: Sequence[str],
                seeds: Sequence[int], num_clips: int | None, table: str, *,
-               references: bool = False) -> list[dict]:
+               references: bool = False, options: Mapping[str, Any] | None = None) -> list[dict]:
   """One result row per (run, split, sampling seed): the model's metrics, labelled for
   `evals.tables` (the 56-d metrics too unless table == "synthdyad").
 
   references: also rows for the references (shuffled audio, mean motion, ground truth).
+  options: `system.generate` options replacing the evaluator's (e.g. {"history_turns": 0}).
   """
   from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
   rows = []
@@ -208,6 +211,8 @@ def table_rows(workdirs: Sequence[str], names: Sequence[str], splits: Sequence[s
     cfg = metrics_config(config, system)
     if num_clips:
       cfg.num_clips = num_clips
+    if options is not None:
+      cfg.options = dict(options)
     for split in splits:
       for seed in seeds:
         cfg.seed = int(seed)

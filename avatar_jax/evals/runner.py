@@ -17,6 +17,7 @@ Common fields (each type adds its own; `defaults(type)` lists them all):
   windows     "full" (whole clips) or "tile" (consecutive `clip_frames` windows)
   clip_frames window length with windows="tile" (default: config.data.clip_frames)
   seed        sampling seed (None: config.seed + 1)
+  options     keyword options of `system.generate` (e.g. {"history_turns": 0} for TIMAR)
 Evaluators run in name order (ConfigDict keeps keys sorted). `evaluator(type, **fields)` builds such an entry with every field present, so that each can be
 overridden from the command line. A config without `evals` runs `system.evaluators()` with their defaults at the end of training.
 
@@ -47,7 +48,7 @@ from avatar_jax import system as system_lib
 from avatar_jax.data import pipeline
 
 COMMON = dict(split="test", every=0, at_end=True, num_clips=32, batch_size=16, windows="full",
-              clip_frames=None, seed=None)
+              clip_frames=None, seed=None, options={})
 
 
 @dataclasses.dataclass
@@ -110,7 +111,7 @@ def evaluator(type_name: str, **fields) -> ml_collections.ConfigDict:
 
 def _import_evaluators():
   # The modules register their types on import.
-  from avatar_jax.evals import motion, samples  # pylint: disable=g-import-not-at-top,unused-import
+  from avatar_jax.evals import motion, reconstruction, samples  # pylint: disable=g-import-not-at-top,unused-import
 
 
 def declared(config: ml_collections.ConfigDict, system: system_lib.System | None = None
@@ -256,6 +257,12 @@ def concat(chunks: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def split_batch(batch: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
   n = len(next(iter(batch.values())))
   return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def options(cfg: ml_collections.ConfigDict) -> dict:
+  """The evaluator's `system.generate` options as a plain dict."""
+  opts = cfg.get("options") or {}
+  return dict(opts.to_dict() if isinstance(opts, ml_collections.ConfigDict) else opts)
 
 
 def rng_for(ctx: Context, cfg: ml_collections.ConfigDict) -> jax.Array:

@@ -34,7 +34,7 @@ def clip_video(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
   keys = ctx.system.data_spec().keys + AUDIO_KEYS + partner
   cfg = ml_collections.ConfigDict({**cfg.to_dict(), "num_clips": index + 1, "batch_size": 1})
   batch = list(runner.batches(ctx, cfg, keys, split))[index]
-  out = runner.generator(ctx.system, ctx.model)(batch, rng)
+  out = runner.generator(ctx.system, ctx.model, **runner.options(cfg))(batch, rng)
   frames = ctx.system.decode(out, batch)[0]
   facts = pipeline.facts(ctx.config.data)
   render.write(path, frames, facts["fps"], batch["audio_self"][0] + batch["audio_partner"][0],
