@@ -1,0 +1,51 @@
+"""The Wan 2.1-architecture video VAE trained from scratch on SynthDyad renders.
+
+  python -m avatar_jax.train --config configs/vae_synthdyad.py:size=S,res=64 --workdir runs/vae_s64
+
+Arguments (`--config configs/vae_synthdyad.py:size=tiny,res=64,steps=100`):
+  size (tiny | S | wan2.1), res (64 | 128: frames H = W), frames (clip length, 1 + 4k), steps,
+  batch (clips per participant: each batch trains on 2·batch clips), lr, kl (KL weight), seed,
+  dtype (compute: float32 | bfloat16), workers (data processes rendering the clips).
+Evaluators: a reconstruction table (PSNR, face-reader R² of jaw_open / smile / head_pitch read
+from reconstructions, evals/reconstruction.py) on whole test clips, and a sample mp4
+(original | reconstruction). Pre-encode latents for the DiT afterwards with
+`python -m avatar_jax.encode --config configs/vae_synthdyad.py:res=64 --encoder runs/vae_s64 --out DIR`.
+"""
+from avatar_jax import config_lib
+from avatar_jax.data import pipeline
+from avatar_jax.evals import runner
+from avatar_jax.models import vae
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, size="S", res=64, frames=17, steps=4000, batch=8, lr=3e-4,
+                             kl=1e-6, seed=0, dtype="float32", workers=0, eval_clips=8)
+  c = config_lib.ml_collections.ConfigDict()
+  c.seed = arg.seed
+  c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
+
+  c.data = pipeline.default_config()
+  c.data.synthdyad.render = True
+  c.data.synthdyad.resolution = arg.res
+  c.data.split_sizes = dict(train=4096, test=64, ood=32)
+  c.data.clip_frames = arg.frames
+  c.data.batch_size = arg.batch
+  c.data.worker_count = arg.workers
+
+  c.model = vae.default_config(arg.size)
+  c.model.name = "vae"
+  c.model.dtype = arg.dtype
+  # Wan's recipe adds a perceptual and a GAN term; here only pixels + KL (docs/vae.md).
+  c.model.loss = dict(l1=1.0, l2=1.0, kl=arg.kl)
+
+  c.init_from = config_lib.init_from()   # e.g. a converted published VAE: --config.init_from.workdir=DIR
+  c.optim = dict(lr=arg.lr, warmup_steps=min(200, arg.steps // 10), end_lr_factor=0.1, b1=0.9,
+                 b2=0.99, weight_decay=0.0, clip_norm=1.0, ema_decay=0.999)
+  c.train = dict(num_steps=arg.steps, log_every=100, ckpt_every=1000, max_checkpoints=2,
+                 stats_batches=1, progress_bar=True)
+  c.evals = dict(
+      recon=runner.evaluator("reconstruction", split="test", num_clips=arg.eval_clips,
+                             batch_size=2, at_end=True),
+      sample=runner.evaluator("video", split="test", at_end=True),
+  )
+  return config_lib.lock(c)
