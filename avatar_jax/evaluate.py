@@ -22,6 +22,7 @@ from avatar_jax.evals import motion, runner, tables
 def _define_flags():
   """CLI flags, defined only when run as a program."""
   global _WORKDIR, _NAMES, _SPLITS, _CLIPS, _EVALS, _TABLE, _SEEDS, _SAVED, _REFS, _OUT, _OPTIONS
+  global _PREFIX
   _WORKDIR = flags.DEFINE_list("workdir", None, "Training workdir(s) (checkpoints + config).")
   _NAMES = flags.DEFINE_list("names", None, "Row label per workdir (default: its basename); "
                              "workdirs with the same label are averaged (mean ± 95% CI).")
@@ -36,6 +37,8 @@ def _define_flags():
   _SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds (several: mean ± 95% CI).")
   _SAVED = flags.DEFINE_bool("saved", False, "With --table: use the metrics the runs saved at the "
                              "end of training instead of re-evaluating.")
+  _PREFIX = flags.DEFINE_string("prefix", "", "With --saved: read eval/<prefix><split>.json (the "
+                                "`prefix` of the run's synthdyad evaluator, e.g. n0_).")
   _REFS = flags.DEFINE_bool("references", False, "With --table: add the reference rows "
                             "(shuffled audio, mean motion, ground truth).")
   _OPTIONS = flags.DEFINE_list("options", None, "With --table: `system.generate` options as "
@@ -91,7 +94,7 @@ def main(argv):
     raise app.UsageError(f"--names has {len(names)} labels for {len(workdirs)} workdirs")
   splits = _SPLITS.value or ["test"]
   if _SAVED.value:
-    rows = motion.saved_rows(workdirs, names, splits, references=_REFS.value)
+    rows = motion.saved_rows(workdirs, names, splits, references=_REFS.value, prefix=_PREFIX.value)
   else:
     rows = motion.table_rows(workdirs, names, splits, [int(s) for s in _SEEDS.value], _CLIPS.value,
                              _TABLE.value, references=_REFS.value,

@@ -158,14 +158,18 @@ def _report(ctx: runner.Context, split: str, rows, text: str, metric_names) -> N
     ctx.writer.write_texts(ctx.step, {f"eval_{split}": text})
 
 
-@runner.register("synthdyad", baselines=True, flame56=False)
+@runner.register("synthdyad", baselines=True, flame56=False, prefix="")
 def synthdyad(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{split: {"rows": {row: metrics}, "text": markdown}}; writes eval/<split>.{json,md} (the SynthDyad table)."""
+  """{split: {"rows": {row: metrics}, "text": markdown}}; writes eval/<prefix><split>.{json,md}
+  (the SynthDyad table; `prefix` tells apart several tables of one run, e.g. "n0_" for TIMAR
+  without history)."""
   results = {}
   for split in runner.splits(cfg):
     rows = motion_rows(ctx, cfg, split, baselines=cfg.baselines, with_flame56=cfg.flame56)
     seed = ctx.config.seed if cfg.seed is None else cfg.seed
-    text = write_results(rows, ctx.workdir, split, f"SynthDyad `{split}` split", step=ctx.step,
+    opts = runner.options(cfg)
+    title = f"SynthDyad `{split}` split" + (f" ({opts})" if opts else "")
+    text = write_results(rows, ctx.workdir, f"{cfg.prefix}{split}", title, step=ctx.step,
                          seed=seed, split=split)
     _report(ctx, split, rows, text, dict(synthdyad_metrics.METRICS))
     results[split] = dict(rows=rows, text=text)
@@ -235,8 +239,8 @@ def metrics_config(config: ml_collections.ConfigDict, system=None) -> ml_collect
 
 
 def saved_rows(workdirs: Sequence[str], names: Sequence[str], splits: Sequence[str], *,
-               references: bool = False) -> list[dict]:
-  """Rows from the metrics each run saved (eval/<split>.json of its "synthdyad" evaluator).
+               references: bool = False, prefix: str = "") -> list[dict]:
+  """Rows from the metrics each run saved (eval/<prefix><split>.json of its "synthdyad" evaluator).
 
   references: also the reference rows saved with each run (shuffled audio, mean motion, ground
   truth), labelled by kind, so that several seeds give them mean ± CI too.
@@ -244,7 +248,7 @@ def saved_rows(workdirs: Sequence[str], names: Sequence[str], splits: Sequence[s
   rows = []
   for workdir, name in zip(workdirs, names):
     for split in splits:
-      path = os.path.join(workdir, "eval", f"{split}.json")
+      path = os.path.join(workdir, "eval", f"{prefix}{split}.json")
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: the run saved no `{split}` evaluation; "
                                 "evaluate without --saved")
