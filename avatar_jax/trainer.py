@@ -16,6 +16,7 @@ other workdir; they enter a run through `config.init_from` (see load_init_from).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -168,8 +169,12 @@ class Setup:
 
 def fit_stats(system: system_lib.System, config) -> Any:
   """`system.fit_stats` on `config.train.stats_batches` batches of a separate train iterator."""
-  # Its own seed, so fitting statistics never consumes (or shifts) training batches.
-  it = pipeline.make(config.data, "train", keys=system.data_spec().keys, seed=config.seed + 1)
+  # Its own seed, so fitting statistics never consumes (or shifts) training batches; no clip
+  # cache, so reading a few batches does not prepare the whole split (the training iterator
+  # fills its own cache right after).
+  data = copy.deepcopy(config.data)
+  data.cache, data.synthdyad.cache = False, False
+  it = pipeline.make(data, "train", keys=system.data_spec().keys, seed=config.seed + 1)
   return system.fit_stats([next(it) for _ in range(config.train.stats_batches)])
 
 

@@ -14,11 +14,13 @@ Arguments (`--config configs/timar.py:size=S,steps=20000`):
   clip_frames (training window, frames; 200 = 8 turns), dtype (compute: float32 | bfloat16),
   eval_clips, attn (gaussian: a learned per-head time-distance bias on the token times, which
   lets lips lock to the same frame's speech early in training | global: plain attention with
-  learned positions only, as the reference).
+  learned positions only, as the reference), w2v (a folder written by `python -m avatar_jax.convert
+  wav2vec2`: a frozen wav2vec2 front end replaces the log-mels, as the reference's; models/audio.py).
 """
 from avatar_jax import config_lib
 from avatar_jax.data import pipeline
 from avatar_jax.evals import runner
+from avatar_jax.models import audio
 from avatar_jax.models.motion import timar
 
 SIZES = {
@@ -31,7 +33,7 @@ SIZES = {
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="S", steps=0, batch=0, seed=0, clip_frames=200,
-                             dtype="float32", eval_clips=32, attn="gaussian")
+                             dtype="float32", eval_clips=32, attn="gaussian", w2v="")
   if arg.size not in SIZES:
     raise ValueError(f"config argument size={arg.size!r}: expected one of {sorted(SIZES)}")
   size = SIZES[arg.size]
@@ -56,6 +58,8 @@ def get_config(arg=None):
   c.model.attention.learn_sigma = arg.attn == "gaussian"
 
   c.init_from = config_lib.init_from()
+  if arg.w2v:
+    audio.use_wav2vec2(c, arg.w2v)
   # The reference: AdamW, weight decay 0.02, clip 3, EMA; lr 1e-4 at batch 256 (ours is smaller
   # and shorter, hence the warmup/cosine schedule and a faster EMA).
   c.optim = dict(lr=size["lr"], warmup_steps=min(500, steps // 10), end_lr_factor=0.1, b1=0.9,

@@ -232,3 +232,31 @@ def test_front_end_trains_frozen_from_a_converted_checkpoint(saved, tmp_path):
   state, _ = s.train_step(s.state, s.batch(host))
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["frozen"])):
     np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.parametrize("name", ["dualtalk", "timar"])
+def test_every_motion_system_takes_the_wav2vec2_front_end(name):
+  """The front-end switch of DualTalk and TIMAR: audio_* keys in, a frozen wav2vec2 (the tiny
+  preset here) in the model, the rest trained."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from avatar_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
+  from avatar_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("size=tiny,clip_frames=50,batch=8")
+  c.model.audio.kind, c.model.audio.wav2vec2.preset = "wav2vec2", "tiny"
+  c.data.split_sizes.train, c.train.stats_batches = 8, 1
+  s = trainer.setup(c, sharding.make_mesh(dict(c.mesh)))
+  keys = s.system.data_spec().keys
+  assert {"audio_self", "audio_partner"} <= set(keys) and not any(k.startswith("mel_") for k in keys)
+  n_w2v = sum(x.size for x in jax.tree.leaves(nnx.state(
+      w2v.Wav2Vec2(w2v.PRESETS["tiny"], rngs=nnx.Rngs(0)), nnx.Param)))
+  assert s.num_params["frozen"] == n_w2v
+  host = next(pipeline.make(c.data, "train", keys=keys, seed=0, shard_index=0, shard_count=1))
+  before = jax.tree.map(np.asarray, s.state["frozen"])
+  state, metrics = s.train_step(s.state, s.batch(host))
+  assert np.isfinite(float(metrics["loss"]))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["frozen"])):
+    np.testing.assert_array_equal(a, np.asarray(b))

@@ -39,6 +39,7 @@ from avatar_jax.data import pipeline
 from avatar_jax.diffusion import cosine
 from avatar_jax.models.attention import TimeAttention
 from avatar_jax.models.layers import AdaLN, Mlp, dense, layer_norm, logical, timestep_embedding
+from avatar_jax.models import audio as audio_lib
 from avatar_jax.models.motion.motion_dit import AudioEncoder, Stats
 
 USER_SPEECH, USER_MOTION, AGENT_SPEECH, AGENT_MOTION = range(4)
@@ -58,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
       ratio_min=0.7, cond_drop=0.1, std_floor=1e-3,
       sample=dict(iters=4, steps=8, cfg=1.0, cfg_schedule="linear", temperature=1.0,
                   history_turns=7, mask_history=True, random_order=True),
+      audio=audio_lib.front_end_config(),
   ))
 
 
@@ -180,9 +182,11 @@ class Block(nnx.Module):
 
 
 class Timar(nnx.Module):
-  """cfg: config.model; fps, mel_rate, n_mels: data facts (`pipeline.facts(config.data)`)."""
+  """cfg: config.model; facts: the data facts (`pipeline.facts(config.data)`: fps, mel_rate,
+  n_mels, sample_rate)."""
 
-  def __init__(self, cfg, *, fps: float, mel_rate: float, n_mels: int, rngs: nnx.Rngs, stats=None):
+  def __init__(self, cfg, *, facts: dict, rngs: nnx.Rngs, stats=None):
+    fps, mel_rate = float(facts["fps"]), float(facts["mel_rate"])
     d, c = cfg.width, cfg.channels
     self.cfg = cfg
     self.fps, self.turn_seconds = float(fps), float(cfg.turn_seconds)
@@ -201,7 +205,9 @@ class Timar(nnx.Module):
     kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
     # One audio encoder and one motion encoder for both people (the reference shares its
     # wav2vec2 and motion MLP too); the slot embeddings say whose token it is.
-    self.audio = AudioEncoder(n_mels, d, **kw)
+    # Log-mel or a frozen wav2vec2 (config.model.audio), both at the mel rate.
+    self.front = audio_lib.FrontEnd(audio_lib.config_of(cfg), facts, rngs=rngs)
+    self.audio = AudioEncoder(audio_lib.feature_dim(audio_lib.config_of(cfg), facts), d, **kw)
     self.motion_in = dense(c, d, (None, "embed"), **kw)
     self.motion_mlp = Mlp(d, 2 * d, **kw)
     init = nnx.initializers.normal(0.02)
@@ -282,18 +288,19 @@ def _fit(x, n, axis=1):
 class System(system_lib.System):
   """MAR loss over turn windows, turn-by-turn generation, FLAME 56-d outputs."""
 
+  trainable = audio_lib.TRAINABLE   # everything but a frozen wav2vec2 front end
+
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
     self.cfg = config.model
     self.facts = pipeline.facts(config.data)
 
   def data_spec(self) -> system_lib.DataSpec:
-    return system_lib.DataSpec(keys=("flame56_self", "flame56_partner", "mel_self", "mel_partner"))
+    return system_lib.DataSpec(keys=("flame56_self", "flame56_partner")
+                               + audio_lib.keys(audio_lib.config_of(self.cfg)))
 
   def build(self, *, rngs: nnx.Rngs, stats=None) -> Timar:
-    f = self.facts
-    return Timar(self.cfg, fps=f["fps"], mel_rate=f["mel_rate"], n_mels=f["n_mels"], rngs=rngs,
-                 stats=stats)
+    return Timar(self.cfg, facts=self.facts, rngs=rngs, stats=stats)
 
   def fit_stats(self, batches):
     c = self.cfg.channels
@@ -316,9 +323,9 @@ class System(system_lib.System):
     turns = turns // w * w
     n = turns * f
     x_agent = model.normalize(batch["flame56_self"][:, :n])
-    cond = model.embed_turns(_fit(batch["mel_partner"], n * r),
+    cond = model.embed_turns(_fit(model.front(batch, "partner"), n * r),
                              model.normalize(batch["flame56_partner"][:, :n]),
-                             _fit(batch["mel_self"], n * r))
+                             _fit(model.front(batch, "self"), n * r))
     bw = b * turns // w
     cond = cond.reshape(bw, w, 3, f, -1)
     x0 = x_agent.reshape(bw, w, f, -1)
@@ -358,9 +365,9 @@ class System(system_lib.System):
     n = int(pick(num_frames, user.shape[1]))
     f, r, c = model.frames, model.mel_per_frame, self.cfg.channels
     turns = -(-n // f)   # whole turns; the padding past n is cropped at the end
-    cond = model.embed_turns(_fit(batch["mel_partner"], turns * f * r),
+    cond = model.embed_turns(_fit(model.front(batch, "partner"), turns * f * r),
                              model.normalize(_fit(user, turns * f)),
-                             _fit(batch["mel_self"], turns * f * r))
+                             _fit(model.front(batch, "self"), turns * f * r))
     w = hist + 1
     # Slots past the current turn are later turns: the turn-causal mask hides them, so padding
     # `hist` turns at the end lets every window be a static-size slice.
