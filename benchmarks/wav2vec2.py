@@ -140,6 +140,12 @@ def main(argv=None):
            f"{jax.devices()[0].device_kind}, fp32 matmuls: {args.fp32_precision}", "",
            "| model | impl | dtype | s audio / s | speedup |", "|---|---|---|---:|---:|"]
   notes = []
+  print("\n".join(lines), flush=True)   # rows print as they finish: a timeout keeps those done
+
+  def add(line):
+    lines.append(line)
+    print(line, flush=True)
+
   for shape in args.shapes.split(","):
     config = w2v.PRESETS[shape]
     if missing is None:
@@ -158,9 +164,9 @@ def main(argv=None):
                 next((r[2] for r in rows if r[0] == "jax" and r[1] == "fp32"), None))
     for impl, dtype, sec, out in rows:
       if sec is None:
-        lines.append(f"| {shape} | {impl} | {dtype} | failed | {out} |")
+        add(f"| {shape} | {impl} | {dtype} | failed | {out} |")
       else:
-        lines.append(f"| {shape} | {impl} | {dtype} | {audio / sec:,.0f} | {base / sec:.2f}× |")
+        add(f"| {shape} | {impl} | {dtype} | {audio / sec:,.0f} | {base / sec:.2f}× |")
     outs = {(r[0], r[1]): r[3] for r in rows if r[2] is not None}
     if ("torch", "fp32") in outs and ("jax", "fp32") in outs:
       diff = np.abs(outs[("jax", "fp32")] - outs[("torch", "fp32")]).max()
@@ -168,7 +174,7 @@ def main(argv=None):
   if missing:
     notes.append(f"torch rows left out: {missing}")
   text = "\n".join(lines + [""] + notes)
-  print(text)
+  print("\n".join(notes))
   if args.out_md:
     with open(args.out_md, "w") as f:
       f.write(text + "\n")
