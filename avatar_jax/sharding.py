@@ -21,6 +21,7 @@ MESH_AXES = ("data", "fsdp", "context", "tensor")
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("time", "context"),
+    ("height", "context"),   # image rows of video activations (a VAE's convolutions): halo exchange
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

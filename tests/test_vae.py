@@ -377,3 +377,24 @@ def test_sixty_second_clip_chunked_equals_full(model):
   out = _decode(model, full, chunk=4, clamp=False)
   assert out.shape == video.shape
   assert np.abs(np.asarray(out) - np.asarray(out_full)).max() <= 1e-5
+
+
+def test_rows_split_over_the_context_axis_match_one_device(model):
+  """Under a mesh with context = 4, the encoder/decoder activations are split by image rows
+  (halo exchange between devices) and give the single-device numbers."""
+  from avatar_jax import sharding  # pylint: disable=g-import-not-at-top
+  video = _video((2, 5, 64, 32, 3), seed=3)
+  want = np.asarray(_decode(model, _moments(model, video, chunked=False)[0], chunked=False))
+  mesh = sharding.make_mesh({"data": 2, "context": 4})
+  graphdef, state = nnx.split(model)
+
+  def run(state, v):
+    m = nnx.merge(graphdef, state)
+    return m.decode(m.encode(v, chunked=False), chunked=False)
+
+  with jax.set_mesh(mesh):
+    v = jax.device_put(video, sharding.batch_sharding(mesh, 5))
+    compiled = jax.jit(run).lower(state, v).compile()
+    got = np.asarray(compiled(state, v))
+  assert "collective-permute" in compiled.as_text()   # halo rows between row bands
+  np.testing.assert_allclose(got, want, atol=1e-5)

@@ -50,6 +50,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from avatar_jax import sharding
 from avatar_jax import system as system_lib
 from avatar_jax.models import layers
 
@@ -337,9 +338,9 @@ class Encoder(nnx.Module):
     self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, **kw)
 
   def __call__(self, x, tails: Tails | None = None):
-    x = self.conv_in(x, tails)
+    x = _split_rows(self.conv_in(_split_rows(x), tails))
     for block in self.down_blocks:
-      x = block(x, tails)
+      x = _split_rows(block(x, tails))
     x = self.mid_block(x, tails)
     return self.conv_out(jax.nn.silu(self.norm_out(x)), tails)
 
@@ -378,11 +379,18 @@ class Decoder(nnx.Module):
     self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, **kw)
 
   def __call__(self, x, tails: Tails | None = None):
-    x = self.conv_in(x, tails)
+    x = self.conv_in(_split_rows(x), tails)
     x = self.mid_block(x, tails)
     for block in self.up_blocks:
-      x = block(x, tails)
-    return self.conv_out(jax.nn.silu(self.norm_out(x)), tails)
+      x = _split_rows(block(x, tails))
+    return _split_rows(self.conv_out(jax.nn.silu(self.norm_out(x)), tails))
+
+
+def _split_rows(x):
+  """Activations [B, T, H, W, C] laid out batch-split and row-split (logical "height", the mesh's
+  `context` axis under sharding.RULES), as MaxDiffusion shards its Wan VAE spatially: each device
+  convolves its band of rows and XLA exchanges the halo rows. A no-op outside a mesh."""
+  return sharding.constrain(x, ("batch", None, "height", None, None))
 
 
 class LatentStats(nnx.Variable):
