@@ -2,6 +2,7 @@
 
     python -m avatar_jax.convert wav2vec2 --src <local HF folder> --out <dir>
     python -m avatar_jax.convert wan_vae  --src <diffusers folder or .safetensors> --out <dir>
+    python -m avatar_jax.convert wan_dit  --src <diffusers WanTransformer3DModel folder> --out <dir>
 
 Each converter writes an Orbax checkpoint that `config.init_from` (or `into="aux/<name>"` for a
 frozen sub-model) loads, plus the architecture's config as JSON. Nothing is downloaded: `--src`
@@ -18,6 +19,8 @@ CONVERTERS = {
                  "Hugging Face Wav2Vec2Model / Wav2Vec2ForCTC folder (base or large-lv60)"),
     "wan_vae": ("avatar_jax.models.vae", "convert_cli",
                 "diffusers AutoencoderKLWan folder or .safetensors (Wan 2.1 VAE)"),
+    "wan_dit": ("avatar_jax.models.dit", "convert_cli",
+                "diffusers WanTransformer3DModel folder (Wan 2.1 DiT)"),
 }
 
 

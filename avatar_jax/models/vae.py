@@ -590,7 +590,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_weights(path: str) -> dict[str, np.ndarray]:
+def read_weights(path: str) -> dict[str, np.ndarray]:
   """Tensors of a .safetensors file, a diffusers folder (single or sharded) or a torch .pth."""
   if os.path.isdir(path):
     single = os.path.join(path, "diffusion_pytorch_model.safetensors")
@@ -782,7 +782,7 @@ def load_diffusers(path: str, *, config: Mapping[str, Any] | None = None,
     cfg = config_from_dict(config)
   cfg.update(overrides)
   _check_config(cfg)
-  return cfg, from_diffusers_state(_read_weights(path), cfg, source=path)
+  return cfg, from_diffusers_state(read_weights(path), cfg, source=path)
 
 
 def to_diffusers_state(model: WanVAE) -> dict[str, np.ndarray]:
