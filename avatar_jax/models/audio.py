@@ -57,9 +57,9 @@ def use_wav2vec2(config: ml_collections.ConfigDict, converted: str, *, layer: in
   a = config.model.audio
   a.kind, a.wav2vec2.arch, a.wav2vec2.layer = "wav2vec2", arch, int(layer)
   entry = config_lib.init_from(os.path.abspath(converted), into="model/front/w2v")
-  if "workdir" in config.init_from:   # one unnamed entry: keep it, next to the new one
-    old = config.init_from
-    config.init_from = ml_collections.ConfigDict({"w2v": entry, **({"main": old} if old.workdir else {})})
+  if "workdir" in config.init_from:   # one unnamed entry: keep it as `main`, next to the new one
+    # (empty or not, so `--config.init_from.main.workdir=...` can still set it).
+    config.init_from = ml_collections.ConfigDict({"w2v": entry, "main": config.init_from})
   else:
     config.init_from.w2v = entry
 
