@@ -51,7 +51,7 @@ from avatar_jax.data.synthdyad import flame
 from avatar_jax.models import audio as audio_lib
 from avatar_jax.models.attention import TimeAttention
 from avatar_jax.models.layers import Mlp, dense, layer_norm, logical
-from avatar_jax.models.motion.motion_dit import AudioEncoder, Stats
+from avatar_jax.models.motion.motion_dit import AudioEncoder, Stats, channel_stats
 
 CHANNELS = flame.FLAME_DIM
 GROUPS = {"exp": flame.EXP_SLICE, "jaw": flame.JAW_SLICE, "pose": flame.POSE_SLICE}
@@ -292,11 +292,7 @@ class System(system_lib.System):
     return DualTalk(self.cfg, facts=self.facts, rngs=rngs, stats=stats)
 
   def fit_stats(self, batches):
-    m = np.concatenate([np.asarray(b["flame56_self"]).reshape(-1, CHANNELS) for b in batches])
-    # The floor keeps channels that never move (SynthDyad's jaw y/z) from blowing up the
-    # normalised partner input.
-    return {"mean": m.mean(0).astype(np.float32),
-            "std": np.maximum(m.std(0), 1e-2).astype(np.float32)}
+    return channel_stats(batches, "flame56_self", CHANNELS, 1e-2)
 
   def loss(self, model: DualTalk, batch, rng, aux=None):
     del aux

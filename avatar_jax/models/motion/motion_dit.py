@@ -31,6 +31,15 @@ class Stats(nnx.Variable):
   """Data statistics fixed before training (not optimised, saved with the model)."""
 
 
+def channel_stats(batches, key: str, channels: int, floor: float) -> dict[str, np.ndarray]:
+  """{"mean", "std"} [channels] float32 of batch[key] over every frame of `batches`. The std floor
+  keeps near-constant channels (blink in short clips, SynthDyad's unused jaw axes) from exploding
+  when normalised."""
+  m = np.concatenate([np.asarray(b[key]).reshape(-1, channels) for b in batches])
+  return {"mean": m.mean(0).astype(np.float32),
+          "std": np.maximum(m.std(0), floor).astype(np.float32)}
+
+
 class AudioEncoder(nnx.Module):
   """log-mel [B, Ta, M] -> tokens [B, Ta, D] with ~0.3 s of local context (dilated convs)."""
 
@@ -172,9 +181,7 @@ class System(system_lib.System):
     return MotionDiT(self.cfg, facts=self.facts, rngs=rngs, stats=stats)
 
   def fit_stats(self, batches):
-    m = np.concatenate([np.asarray(b["motion_self"]).reshape(-1, self.cfg.channels) for b in batches])
-    # The floor keeps near-constant channels (e.g. blink in short clips) from exploding.
-    return {"mean": m.mean(0).astype(np.float32), "std": np.maximum(m.std(0), 1e-2).astype(np.float32)}
+    return channel_stats(batches, "motion_self", self.cfg.channels, 1e-2)
 
   def loss(self, model: MotionDiT, batch, rng, aux=None):
     del aux

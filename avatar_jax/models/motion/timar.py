@@ -40,7 +40,7 @@ from avatar_jax.diffusion import cosine
 from avatar_jax.models.attention import TimeAttention
 from avatar_jax.models.layers import AdaLN, Mlp, dense, layer_norm, logical, timestep_embedding
 from avatar_jax.models import audio as audio_lib
-from avatar_jax.models.motion.motion_dit import AudioEncoder, Stats
+from avatar_jax.models.motion.motion_dit import AudioEncoder, Stats, channel_stats
 
 USER_SPEECH, USER_MOTION, AGENT_SPEECH, AGENT_MOTION = range(4)
 GROUPS = 4
@@ -303,11 +303,7 @@ class System(system_lib.System):
     return Timar(self.cfg, facts=self.facts, rngs=rngs, stats=stats)
 
   def fit_stats(self, batches):
-    c = self.cfg.channels
-    m = np.concatenate([np.asarray(b["flame56_self"]).reshape(-1, c) for b in batches])
-    # The floor keeps constant channels (e.g. SynthDyad's unused jaw axes) from exploding.
-    return {"mean": m.mean(0).astype(np.float32),
-            "std": np.maximum(m.std(0), self.cfg.std_floor).astype(np.float32)}
+    return channel_stats(batches, "flame56_self", self.cfg.channels, self.cfg.std_floor)
 
   def loss(self, model: Timar, batch, rng, aux=None):
     del aux
