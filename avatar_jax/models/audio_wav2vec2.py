@@ -42,6 +42,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from avatar_jax.models import weights
 from avatar_jax.models.layers import dense, logical
 
 ACTIVATIONS = {
@@ -282,15 +283,10 @@ def resample_to_fps(hidden: jax.Array, n_frames: int) -> jax.Array:
 def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
   """Tensors of a HF folder: model.safetensors (or its index), else pytorch_model.bin (torch)."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  single, index = (os.path.join(path, n) for n in ("model.safetensors",
-                                                    "model.safetensors.index.json"))
+  tensors = weights.read_safetensors_folder(path, "model.safetensors", load_file)
+  if tensors is not None:
+    return tensors
   binary = os.path.join(path, "pytorch_model.bin")
-  if os.path.exists(single):
-    return load_file(single)
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-    return {k: v for name in files for k, v in load_file(os.path.join(path, name)).items()}
   if os.path.exists(binary):
     try:
       import torch  # pylint: disable=g-import-not-at-top

@@ -52,7 +52,7 @@ from flax import nnx
 
 from avatar_jax import sharding
 from avatar_jax import system as system_lib
-from avatar_jax.models import layers
+from avatar_jax.models import layers, weights
 
 # The published Wan 2.1 latent statistics (diffusers config fields latents_mean / latents_std):
 # latents are normalised per channel as (z - mean) / std before a diffusion model sees them.
@@ -593,17 +593,10 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 def read_weights(path: str) -> dict[str, np.ndarray]:
   """Tensors of a .safetensors file, a diffusers folder (single or sharded) or a torch .pth."""
   if os.path.isdir(path):
-    single = os.path.join(path, "diffusion_pytorch_model.safetensors")
-    index = single + ".index.json"
-    if os.path.exists(single):
-      return read_safetensors(single)
-    if os.path.exists(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-      out = {}
-      for name in files:
-        out.update(read_safetensors(os.path.join(path, name)))
-      return out
+    tensors = weights.read_safetensors_folder(path, "diffusion_pytorch_model.safetensors",
+                                              read_safetensors)
+    if tensors is not None:
+      return tensors
     raise FileNotFoundError(f"{path}: expected diffusion_pytorch_model.safetensors (or its "
                             ".index.json) in the folder (save with save_pretrained)")
   if path.endswith(".safetensors"):

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from avatar_jax.models import weights
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ACTIVATIONS = {
@@ -106,17 +108,9 @@ class ClipVision(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  single = os.path.join(path, "model.safetensors")
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(single):
-    return load_file(single)
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-    out = {}
-    for name in files:
-      out.update(load_file(os.path.join(path, name)))
-    return out
+  tensors = weights.read_safetensors_folder(path, "model.safetensors", load_file)
+  if tensors is not None:
+    return tensors
   raise FileNotFoundError(f"{path}: expected model.safetensors or model.safetensors.index.json "
                           "(save the model with save_pretrained(safe_serialization=True))")
 
