@@ -62,7 +62,7 @@ from absl import logging
 from flax import nnx
 
 from avatar_jax import sharding
-from avatar_jax.models import layers
+from avatar_jax.models import layers, weights
 from avatar_jax.models import vae
 from avatar_jax.models.attention import apply_rope
 
@@ -585,27 +585,17 @@ def save_checkpoint(model: DiT, out_dir: str) -> str:
   """Writes `model` as an Orbax checkpoint under out_dir/checkpoints/0 (parameters as "frozen",
   the config as JSON, the project's layout, as vae.save_checkpoint), plus out_dir/dit_config.json.
   A run loads it with `config.init_from` (workdir=out_dir, into="model/<dit submodule>")."""
-  from avatar_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
-  ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
-  ckpt.save(0, {"frozen": nnx.state(model, nnx.Param)}, config=model.cfg, force=True)
-  ckpt.wait()
-  ckpt.close()
-  with open(os.path.join(out_dir, "dit_config.json"), "w") as f:
-    f.write(model.cfg.to_json(indent=2))
-  return out_dir
+  return weights.save_converted(out_dir, {"frozen": nnx.state(model, nnx.Param)}, model.cfg,
+                                "dit_config.json")
 
 
 def load_checkpoint(out_dir: str, **overrides) -> tuple[ml_collections.ConfigDict, DiT]:
   """(config, DiT) from a `save_checkpoint` / `convert_cli` output folder."""
-  from avatar_jax import checkpointing  # pylint: disable=g-import-not-at-top
   with open(os.path.join(out_dir, "dit_config.json")) as f:
     cfg = config_from_dict(json.load(f))
   cfg.update(overrides)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
-  ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
-  state = ckpt.restore({"frozen": params})
-  ckpt.close()
+  state = weights.restore_converted(out_dir, {"frozen": params})
   return cfg, nnx.merge(graphdef, state["frozen"])
 
 

@@ -810,29 +810,19 @@ def save_checkpoint(model: WanVAE, out_dir: str) -> str:
   parameters as "frozen", latent statistics as "rest", the config as JSON), plus
   out_dir/vae_config.json. A run loads it with `config.init_from` (workdir=out_dir,
   into="model/<vae submodule>"); `load_checkpoint` reads it back."""
-  from avatar_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
   _, params, rest = nnx.split(model, nnx.Param, ...)
-  ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
-  ckpt.save(0, {"frozen": params, "rest": rest}, config=model.cfg, force=True)
-  ckpt.wait()
-  ckpt.close()
-  with open(os.path.join(out_dir, "vae_config.json"), "w") as f:
-    f.write(model.cfg.to_json(indent=2))
-  return out_dir
+  return weights.save_converted(out_dir, {"frozen": params, "rest": rest}, model.cfg,
+                                "vae_config.json")
 
 
 def load_checkpoint(out_dir: str, **overrides) -> tuple[ml_collections.ConfigDict, WanVAE]:
   """(config, WanVAE) from a `save_checkpoint` / `convert_cli` output folder."""
-  from avatar_jax import checkpointing  # pylint: disable=g-import-not-at-top
   with open(os.path.join(out_dir, "vae_config.json")) as f:
     cfg = config_from_dict(json.load(f))
   cfg.update(overrides)
   abstract = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
-  state = ckpt.restore({"frozen": params, "rest": rest})
-  ckpt.close()
+  state = weights.restore_converted(out_dir, {"frozen": params, "rest": rest})
   return cfg, nnx.merge(graphdef, state["frozen"], state["rest"])
 
 

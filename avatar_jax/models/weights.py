@@ -25,3 +25,27 @@ def read_safetensors_folder(path: str, filename: str,
   for name in files:
     out.update(load(os.path.join(path, name)))
   return out
+
+
+def save_converted(out_dir: str, parts: dict, config, config_file: str) -> str:
+  """Imported weights in the trainer's checkpoint layout: `parts` ({"frozen": params, "rest":
+  other variables}) as step 0 under out_dir/checkpoints (so `config.init_from` loads them), and
+  the architecture `config` (a ConfigDict) as out_dir/<config_file>. Returns out_dir."""
+  from avatar_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
+  ckpt.save(0, parts, config=config, force=True)
+  ckpt.wait()
+  ckpt.close()
+  with open(os.path.join(out_dir, config_file), "w") as f:
+    f.write(config.to_json(indent=2))
+  return out_dir
+
+
+def restore_converted(out_dir: str, parts: dict) -> dict:
+  """The `save_converted` parts of out_dir, restored into the abstract `parts` given."""
+  from avatar_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
+  state = ckpt.restore(parts)
+  ckpt.close()
+  return state
