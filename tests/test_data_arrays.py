@@ -187,3 +187,39 @@ def test_encode_command_line(tmp_path):
   assert meta["splits"] == {"ood": {"num_examples": 3, "shard_size": 40}}
   assert meta["features"]["n_mels"] == 40 and meta["keys"]["mel_self"]["shape"] == [40]
   assert len(arrays.ArraysSource(str(out), "ood")) == 3
+
+
+def test_synthdyad_truth_follows_arrays_back_to_the_generator(encoded):
+  """The 'synthdyad' evaluator scores runs trained from pre-encoded SynthDyad: the truth of
+  each window is regenerated from the generator config stored in the arrays' metadata."""
+  from avatar_jax.evals import motion  # pylint: disable=g-import-not-at-top
+
+  c = _config()
+  a = ml_collections.ConfigDict({"data": _as_arrays(c.data, encoded)})
+  a.data.synthdyad.seed = 99          # ignored: the arrays' metadata decides
+  batch = {"example_index": np.array([2, 0]), "clip_start": np.array([5, 0]),
+           "_frames": np.array([20, 20])}
+  got = motion.truth(a, "test", batch)
+  want = motion.truth(c, "test", batch)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g["motion_self"], w["motion_self"])
+    np.testing.assert_array_equal(g["events"]["start"], w["events"]["start"])
+  # And the regenerated truth is the clip the arrays hold.
+  arr = next(pipeline.make(a.data, "test", shuffle=False, num_epochs=1, shard_index=0,
+                           shard_count=1, keys=("motion_self",)))
+  n = arr["motion_self"].shape[1]
+  win = {"example_index": arr["example_index"], "clip_start": arr["clip_start"],
+         "_frames": np.full(len(arr["example_index"]), n)}
+  for row, t in zip(arr["motion_self"], motion.truth(a, "test", win)):
+    np.testing.assert_array_equal(row, t["motion_self"])
+  # A directory encoded from another source has no truth: a clear error.
+  meta_path = encoded / "metadata.json"
+  meta = json.loads(meta_path.read_text())
+  try:
+    meta["data"]["source"] = "tfds"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="SynthDyad truth.*use type 'flame56'"):
+      motion.truth(a, "test", batch)
+  finally:
+    meta["data"]["source"] = "synthdyad"
+    meta_path.write_text(json.dumps(meta))

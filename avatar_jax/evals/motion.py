@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from avatar_jax.data import pipeline
+from avatar_jax.data import arrays, pipeline
 from avatar_jax.data.synthdyad import flame
 from avatar_jax.evals import dualtalk, runner, synthdyad_metrics
 
@@ -68,10 +68,18 @@ def crop(sample: Mapping[str, Any], start: int, num_frames: int) -> dict[str, An
 def truth(config: ml_collections.ConfigDict, split: str, batch: Mapping[str, np.ndarray]
           ) -> list[dict[str, Any]]:
   """The SynthDyad truth (whole sample, render=False) of each window of `batch`, cropped."""
-  source = pipeline.make_source(config.data, split)
+  data = config.data
+  if data.source == "arrays":
+    # Pre-encoded SynthDyad (`python -m avatar_jax.encode`): its metadata keeps the generator's
+    # data config, so the truth is regenerated exactly as it was encoded.
+    meta = arrays.read_metadata(os.path.expanduser(data.arrays.dir))
+    if meta.get("data", {}).get("source") == "synthdyad":
+      data = ml_collections.ConfigDict(meta["data"])
+  source = pipeline.make_source(data, split)
   if not isinstance(source, pipeline.SynthDyadSource):
     raise ValueError(f"the 'synthdyad' evaluator needs SynthDyad truth (events, speaking flags); "
-                     f"config.data.source={config.data.source!r} has none: use type 'flame56'")
+                     f"config.data.source={config.data.source!r} has none (arrays encoded from "
+                     f"SynthDyad have it): use type 'flame56'")
   out = []
   for i, start, t in zip(batch["example_index"], batch["clip_start"], batch["_frames"]):
     out.append(crop(source.get(int(i), render=False), int(start), int(t)))
