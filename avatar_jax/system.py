@@ -61,8 +61,12 @@ class DataSpec:
   keys: batch keys the loss/generate read (e.g. ("motion_self", "mel_self", "mel_partner"));
     the pipeline computes only these (plus its bookkeeping keys example_index, clip_start,
     identity_*).
+  optional_keys: further keys `encode` and `generate` read when the batch has them (the VAE
+    encodes a reference_image beside the video; a video DiT samples from a reference_image
+    instead of its pre-encoded latent).
   """
   keys: tuple[str, ...]
+  optional_keys: tuple[str, ...] = ()
 
 
 class System(abc.ABC):

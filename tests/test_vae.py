@@ -355,11 +355,17 @@ def test_trains_evaluates_and_pre_encodes_latents(tmp_path):
     want = np.asarray(model.normalize(model.encode(x)))[0]
     np.testing.assert_allclose(stored[i]["latent_self"], want, atol=1e-5)
     assert stored[i]["latent_self"].shape == (10, 4, 4, 16)
+    # The identity's reference frame, encoded as a one-frame video: one latent per clip.
+    ref = jnp.asarray(clip["reference_image"][None, None], jnp.float32) * (2 / 255) - 1
+    np.testing.assert_allclose(stored[i]["reference_latent"],
+                               np.asarray(model.normalize(model.encode(ref)))[0], atol=1e-5)
+  assert meta["keys"]["reference_latent"] == dict(dtype="<f4", shape=[1, 4, 4, 16], per_frame=None)
   a = pipeline.default_config()
   a.source, a.arrays.dir, a.clip_frames, a.batch_size = "arrays", out, 8, 2
-  batch = next(pipeline.make(a, "test", keys=("latent_self", "mel_self"), seed=0, shard_index=0,
-                             shard_count=1))
+  batch = next(pipeline.make(a, "test", keys=("latent_self", "mel_self", "reference_latent"),
+                             seed=0, shard_index=0, shard_count=1))
   assert batch["latent_self"].shape == (2, 2, 4, 4, 16) and batch["mel_self"].shape[1] == 16
+  assert batch["reference_latent"].shape == (2, 1, 4, 4, 16)
 
 
 def test_sixty_second_clip_chunked_equals_full(model):

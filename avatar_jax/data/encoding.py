@@ -83,7 +83,8 @@ def system_encoder(config: ml_collections.ConfigDict, workdir: str, split: str) 
   have = sources.make_source(config.data, split).keys
   targets = tuple(k for k in TARGET_KEYS if k in have)
   targets += tuple(f"mel_{s}" for s in pipeline.STREAMS if f"audio_{s}" in have)
-  spec_keys = tuple(system.data_spec().keys)
+  spec = system.data_spec()
+  spec_keys = tuple(spec.keys) + tuple(k for k in spec.optional_keys if k in have)
   encode = jax.jit(lambda b: system.encode(model, b))
 
   def fn(batch):
@@ -127,7 +128,7 @@ def _key_info(out: Mapping[str, np.ndarray], num_frames: int, where: str) -> dic
       info[k] = dict(dtype=v.dtype.str, shape=[], per_frame=None)
       continue
     per_frame = v.shape[0] / num_frames
-    if k == "reference_image":
+    if k.startswith("reference_"):   # one per clip (reference_image, its latent), not per frame
       per_frame = None
     elif per_frame > 1 and abs(per_frame - round(per_frame)) > 1e-9 or (
         per_frame < 1 and abs(1 / per_frame - round(1 / per_frame)) > 1e-9):

@@ -79,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.split_sizes = ml_collections.ConfigDict(dict(train=4096, test=128, ood=128))
   c.synthdyad = ml_collections.ConfigDict(
       dict(
-          duration_s=None,  # None: the split's regime (8 s train/test, 16 s ood)
+          duration_s=ml_collections.config_dict.placeholder(float),  # None: the split's regime (8 s train/test, 16 s ood)
           fps=25,
           sample_rate=16000,
           resolution=64,

@@ -112,10 +112,13 @@ def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str,
   rng = runner.rng_for(ctx, cfg)
   opts = runner.options(cfg)
   out = runner.generate(system, model, chunks, rng, **opts)
+  if out.space == "video":
+    return video_rows(ctx, cfg, split, chunks, out, rng, baselines=baselines)
   if out.space not in ("motion", "flame56"):
     raise ValueError(f"config.evals.{ctx.name}: type 'synthdyad' scores SynthDyad motion (or FLAME "
-                     f"56-d through the inverse export map), but {type(system).__module__}.System "
-                     f"generates {out.space!r}; use 'flame56' or 'video'")
+                     f"56-d through the inverse export map, or video through the face reader), "
+                     f"but {type(system).__module__}.System generates {out.space!r}; use "
+                     "'flame56' or 'video'")
   # FLAME 56-d outputs are read back as SynthDyad motion (flame.from_flame56, exact on the
   # export's image), so the listening metrics (nod_f1, smile_resp, ...) apply to them too.
   as_motion = (lambda v: np.asarray(v)) if out.space == "motion" else flame.from_flame56
@@ -138,6 +141,63 @@ def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str,
   if baselines:
     preds["ground truth"] = np.stack([s["motion_self"] for s in samples])
   return score(preds, samples, with_flame56=with_flame56)
+
+
+def truth_videos(config: ml_collections.ConfigDict, split: str, batch: Mapping[str, np.ndarray],
+                 num_frames: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """The true rendered windows uint8 [T, H, W, 3] and reference frames [H, W, 3] of `batch`
+  (re-rendered from the SynthDyad generator, also for pre-encoded arrays)."""
+  data = config.data
+  if data.source == "arrays":
+    meta = arrays.read_metadata(os.path.expanduser(data.arrays.dir))
+    if meta.get("data", {}).get("source") == "synthdyad":
+      data = ml_collections.ConfigDict(meta["data"])
+  data = data.copy_and_resolve_references()
+  data.synthdyad.render = True
+  source = pipeline.make_source(data, split)
+  videos, refs = [], []
+  for i, start in zip(batch["example_index"], batch["clip_start"]):
+    ex = source.get(int(i), render=False)
+    videos.append(source.render_window(ex, "video", int(start), int(start) + num_frames))
+    refs.append(source.render_window(ex, "reference_image", 0, 1))
+  return videos, refs
+
+
+def video_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, chunks, out,
+               rng, *, baselines: bool) -> dict[str, dict[str, float]]:
+  """The SynthDyad table of generated video: every row's frames are read by the face reader
+  (evals/video.py) and scored like motion; FD-face / FVD-face against the true renders. Rows:
+  model, shuffled audio (each clip with the next clip's voices), and the reader's reading of
+  the true video (the ceiling the reader allows)."""
+  from avatar_jax.evals import video  # pylint: disable=g-import-not-at-top
+  system, model = ctx.system, ctx.model
+  batch = runner.concat(chunks)
+  frames = {"model": system.decode(out, batch)}
+  n, t = frames["model"].shape[:2]
+  if baselines:
+    if n < 2:
+      raise ValueError(f"config.evals.{ctx.name}: the shuffled-audio baseline needs >= 2 clips, "
+                       f"num_clips={cfg.num_clips}")
+    shuffled = dict(batch)
+    order = np.roll(np.arange(n), -1)
+    for k in batch:
+      if k.startswith(("mel_", "audio_")):
+        shuffled[k] = batch[k][order]
+    gen = runner.generate(system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng,
+                          **runner.options(cfg))
+    frames["shuffled audio"] = system.decode(gen, shuffled)
+  true, refs = truth_videos(ctx.config, split, batch, t)
+  if baselines:
+    frames["ground truth (read)"] = np.stack(true)
+  batch["_frames"] = np.full(n, t)
+  samples = truth(ctx.config, split, batch)
+  rows = {}
+  for name, vids in frames.items():
+    clips = [video.video_metrics(v, s, reference=r) for v, s, r in zip(vids, samples, refs)]
+    rows[name] = synthdyad_metrics.aggregate(clips)
+    if name != "ground truth (read)":
+      rows[name].update(video.face_distribution_metrics(list(vids), true, refs, refs))
+  return rows
 
 
 def write_results(rows: Mapping[str, Any], workdir: str, stem: str, title: str, *,

@@ -219,7 +219,8 @@ def batches(ctx: Context, cfg: ml_collections.ConfigDict, keys: Sequence[str], s
 def generator(system: system_lib.System, model: nnx.Module, **options):
   """`gen(batch, rng) -> Outputs` (value as NumPy): `system.generate` jitted once per shape."""
   graphdef, state = nnx.split(model)
-  keys = system.data_spec().keys
+  spec = system.data_spec()
+  keys = tuple(spec.keys) + tuple(spec.optional_keys)
 
   @jax.jit
   def gen(state, batch, rng):

@@ -375,7 +375,9 @@ def format_table(rows: Mapping[str, Mapping[str, float]] | Mapping[str, float]) 
   if rows and all(isinstance(v, (int, float)) for v in rows.values()):
     rows = {"": rows}  # a single aggregate
   cols = [m for m, _ in METRICS] + ["nod_f1_micro"]
-  arrows = dict(METRICS, nod_f1_micro="↑")
+  arrows = dict(METRICS, nod_f1_micro="↑", fd_face="↓", fvd_face="↓")
+  # Generated video (read by the face reader) also has its distribution distances.
+  cols += [c for c in ("fd_face", "fvd_face") if any(c in agg for agg in rows.values())]
   head = "| run | " + " | ".join(f"{c} {arrows[c]}" for c in cols) + " | clips |"
   sep = "|" + "---|" * (len(cols) + 2)
   lines = [head, sep]

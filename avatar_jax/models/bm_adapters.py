@@ -28,7 +28,8 @@ Wiring:
     v = dit_model(x, timestep, extra=cond)
 
 `cond` layout: {stream: {"tokens": [B, M, Dq], "times": [B, M] seconds}} for each stream of
-cfg.streams; a dict of arrays, so it goes through jit / remat as a pytree.
+cfg.streams, and optionally "latent_times" [B, F] (windows that do not start a clip,
+`window_latent_times`); a dict of arrays, so it goes through jit / remat as a pytree.
 """
 from __future__ import annotations
 
@@ -52,12 +53,16 @@ def adapter_config(**overrides) -> ml_collections.ConfigDict:
   qformer_heads, qformer_mlp (hidden width multiple), margin (seconds of context either side of
   a latent frame's window), dim (token width; None = the DiT's); cross-attention: sigma_range
   (seconds, geometric over heads), learn_sigma, progressive (σ range × (1 + depth/num_blocks)),
-  num_heads (None = the DiT's)."""
+  num_heads (None = the DiT's), mode (the cross-attention's time prior, Beyond Monologue's
+  ablation: "gaussian" per-head σ, "frame" a hard window of the latent frame's own audio ± margin,
+  "global" none), implementation (TimeAttention's backend: "auto" picks the fused kernel on
+  GPU/TPU)."""
   c = ml_collections.ConfigDict(dict(
       streams=STREAMS, fps=25.0, stride=4, audio_rate=50.0, audio_dim=80, num_queries=4,
       qformer_heads=4, qformer_mlp=4, margin=0.04, dim=ml_collections.config_dict.placeholder(int),
       sigma_range=(0.04, 2.0), learn_sigma=True, progressive=False,
-      num_heads=ml_collections.config_dict.placeholder(int)))
+      num_heads=ml_collections.config_dict.placeholder(int), mode="gaussian",
+      implementation="auto"))
   c.update(overrides)
   return c
 
@@ -68,6 +73,16 @@ def latent_times(num_latent: int, fps: float, stride: int = 4) -> np.ndarray:
   latent i ≥ 1 covers video frames stride·(i−1)+1 .. stride·i, centred at their mean."""
   i = np.arange(num_latent, dtype=np.float32)
   return np.where(i == 0, 0.0, (stride * i - (stride - 1) / 2) / fps).astype(np.float32)
+
+
+def window_latent_times(first_row, num_latent: int, fps: float, stride: int = 4) -> jax.Array:
+  """Centre times [B, F] (seconds from the window's first video frame) of the latent frames of
+  windows cut from pre-encoded latents: window b starts at latent row `first_row[b]` of its clip,
+  i.e. at video frame stride·first_row. Row r ≥ 1 stands for video frames stride·(r−1)+1 ..
+  stride·r, row 0 for frame 0 alone, so `latent_times` is the case first_row = 0."""
+  r = jnp.asarray(first_row, jnp.float32)[:, None] + jnp.arange(num_latent, dtype=jnp.float32)
+  centre = jnp.where(r == 0, 0.0, (stride * r - (stride - 1) / 2) / fps)
+  return centre - stride * jnp.asarray(first_row, jnp.float32)[:, None] / fps
 
 
 def audio_times(num_tokens: int, rate: float) -> np.ndarray:
@@ -102,13 +117,15 @@ class QFormer(nnx.Module):
     o[...] = nnx.initializers.lecun_normal()(rngs.params(), o.shape, o.dtype)
     self.mlp = layers.Mlp(dim, cfg.qformer_mlp * dim, **kw)
 
-  def __call__(self, audio, t_audio, num_latent: int):
-    """audio [B, Ta, Da]; t_audio [B, Ta] seconds; num_latent F (static)."""
+  def __call__(self, audio, t_audio, num_latent: int, t_latent=None):
+    """audio [B, Ta, Da]; t_audio [B, Ta] seconds; num_latent F (static); t_latent [B, F] the
+    latent frames' centre times (default: `latent_times`, a clip's first window)."""
     b = audio.shape[0]
     q = jnp.tile(self.queries[...], (num_latent, 1))[None]            # [1, F·Q, Dq]
     q = jnp.broadcast_to(q, (b, *q.shape[1:]))
-    t = np.repeat(latent_times(num_latent, self.fps, self.stride), self.num_queries)
-    t = _batch(t, b)
+    if t_latent is None:
+      t_latent = _batch(latent_times(num_latent, self.fps, self.stride), b)
+    t = jnp.repeat(t_latent, self.num_queries, axis=1)
     x = q + self.attn(self.norm_q(q), t, self.norm_a(audio), t_audio)
     return x + self.mlp(self.norm_m(x)), t
 
@@ -124,16 +141,21 @@ class AudioCrossAttention(nnx.Module):
     widen = 1.0 + depth / num_blocks if cfg.progressive else 1.0
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm = layers.layer_norm(dim, **kw)
-    self.attn = TimeAttention(dim, ctx_dim, num_heads, mode="gaussian", rope="1d",
+    self.attn = TimeAttention(dim, ctx_dim, num_heads, mode=cfg.mode, rope="1d",
                               sigma_range=tuple(s * widen for s in cfg.sigma_range),
-                              learn_sigma=cfg.learn_sigma, **kw)
+                              learn_sigma=cfg.learn_sigma and cfg.mode == "gaussian",
+                              window=cfg.stride / (2 * cfg.fps) + cfg.margin,
+                              implementation=cfg.implementation, **kw)
 
   def __call__(self, x, cond: Mapping[str, Mapping[str, jax.Array]], grid: Sequence[int]):
     """x [B, N, D], N = F·h·w frame-major; cond: make_cond's layout; grid (F, h, w) static.
     Assumes the DiT's temporal patch is 1 (Wan's), so token frames are latent frames."""
     f, h, w = grid
     b = x.shape[0]
-    t = _batch(np.repeat(latent_times(f, self.fps, self.stride), h * w), b)
+    t_latent = cond.get("latent_times")
+    if t_latent is None:
+      t_latent = _batch(latent_times(f, self.fps, self.stride), b)
+    t = jnp.repeat(t_latent, h * w, axis=1)
     c = cond[self.stream]
     return self.attn(self.norm(x), t, c["tokens"], c["times"])
 
@@ -148,22 +170,27 @@ class QFormers(nnx.Module):
                        for s in cfg.streams})
 
   def __call__(self, audio: Mapping[str, jax.Array], num_latent: int,
-               times: Mapping[str, jax.Array] | None = None):
-    """audio {stream: [B, Ta, Da]}; times {stream: [B, Ta]} (default: k / audio_rate)."""
+               times: Mapping[str, jax.Array] | None = None, latent_t=None):
+    """audio {stream: [B, Ta, Da]}; times {stream: [B, Ta]} (default: k / audio_rate);
+    latent_t [B, F]: the latent frames' centre times (default: `latent_times`)."""
     toks = {}
     for s in self.streams:
       a = audio[s]
       t = (times or {}).get(s)
       t = _batch(audio_times(a.shape[1], self.audio_rate), a.shape[0]) if t is None else t
-      toks[s] = self.q[s](a, t, num_latent)
-    return make_cond(toks)
+      toks[s] = self.q[s](a, t, num_latent, latent_t)
+    return make_cond(toks, latent_t)
 
 
-def make_cond(tokens: Mapping[str, tuple[jax.Array, jax.Array]]):
+def make_cond(tokens: Mapping[str, tuple[jax.Array, jax.Array]], latent_t=None):
   """{stream: (tokens [B, M, Dq], times [B, M])} -> the DiT's `extra=`:
-  {stream: {"tokens": ..., "times": ...}} (what AudioCrossAttention reads)."""
-  return {s: {"tokens": tok, "times": jnp.asarray(t, jnp.float32)}
+  {stream: {"tokens": ..., "times": ...}} (what AudioCrossAttention reads), plus
+  "latent_times" [B, F] when the latent frames' times are not `latent_times`' default."""
+  cond = {s: {"tokens": tok, "times": jnp.asarray(t, jnp.float32)}
           for s, (tok, t) in tokens.items()}
+  if latent_t is not None:
+    cond["latent_times"] = jnp.asarray(latent_t, jnp.float32)
+  return cond
 
 
 def _dims(cfg, dit_cfg):

@@ -874,7 +874,7 @@ class System(system_lib.System):
     self.cfg = config.model
 
   def data_spec(self) -> system_lib.DataSpec:
-    return system_lib.DataSpec(keys=("video", "partner_video"))
+    return system_lib.DataSpec(keys=("video", "partner_video"), optional_keys=("reference_image",))
 
   def build(self, *, rngs: nnx.Rngs, stats=None) -> WanVAE:
     del stats
@@ -926,6 +926,9 @@ class System(system_lib.System):
                          f"{model.time_factor} (each latent frame stands for that many frames)")
       x = self._pixels(batch[key][:, :t - model.time_factor + 1])
       out[name] = model.normalize(model.encode(x))
+    if "reference_image" in batch:   # the identity frame, as a one-frame video: [B, 1, h, w, z]
+      out["reference_latent"] = model.normalize(
+          model.encode(self._pixels(batch["reference_image"])[:, None]))
     return out
 
   def evaluators(self) -> tuple[str, ...]:
