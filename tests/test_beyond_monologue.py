@@ -1,0 +1,127 @@
+"""Beyond Monologue's video DiT system (models/video/beyond_monologue.py) end to end on CPU:
+a tiny VAE, its latents pre-encoded, the DiT trained, resumed and evaluated through the face
+reader; windowed long-video sampling; the latent frames' times."""
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avatar_jax import trainer
+from avatar_jax.data import encoding, pipeline
+from avatar_jax.evals import motion, runner
+from avatar_jax.models import bm_adapters
+
+
+def _config(name, arg):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def _small_data(c):
+  c.data.split_sizes.train, c.data.split_sizes.test, c.data.split_sizes.ood = 8, 2, 2
+  c.data.synthdyad.duration_s = 1.6        # 40 frames = 10 latent rows
+  return c
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+  """(VAE workdir, latents dir): a tiny VAE after 2 steps, and its encoded SynthDyad at 32 px."""
+  root = tmp_path_factory.mktemp("bm")
+  c = _small_data(_config("vae_synthdyad", "size=tiny,res=32,frames=5,batch=8,steps=2"))
+  c.evals = {}
+  c.train.progress_bar = False
+  vae_dir = str(root / "vae")
+  trainer.train_and_evaluate(c, vae_dir)
+  out = str(root / "latents")
+  encoding.encode(c, out, vae_dir, shard_size=8, batch_size=4, progress=False)
+  return vae_dir, out
+
+
+def _bm_config(latents, arg=""):
+  vae_dir, lat = latents
+  c = _config("bm_synthdyad", f"size=tiny,res=32,latents={lat},vae={vae_dir},clip_frames=16,batch=8,"
+                              f"eval_clips=2{',' + arg if arg else ''}")
+  c.evals.sample.at_end = False
+  c.evals.test.split = "test"
+  c.train.progress_bar = False
+  return c
+
+
+def test_window_latent_times():
+  fps = 25.0
+  np.testing.assert_allclose(bm_adapters.window_latent_times(np.array([0]), 5, fps)[0],
+                             bm_adapters.latent_times(5, fps), atol=1e-7)
+  # A window starting at row 3 (video frame 12): its row 0 stands for frames 9..12, centred
+  # 1.5 frames before the window's first frame; later rows every 4 frames.
+  got = np.asarray(bm_adapters.window_latent_times(np.array([3, 1]), 3, fps))
+  np.testing.assert_allclose(got, np.array([[-1.5, 2.5, 6.5], [-1.5, 2.5, 6.5]]) / fps, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def trained(latents, tmp_path_factory):
+  """A tiny DiT trained 3 steps on the latents, then evaluated (test split, 2 clips)."""
+  workdir = str(tmp_path_factory.mktemp("bm_run") / "run")
+  trainer.train_and_evaluate(_bm_config(latents, "steps=3"), workdir)
+  return workdir
+
+
+def test_trains_resumes_and_scores_video(latents, trained, tmp_path):
+  workdir = trained
+  with open(os.path.join(workdir, "eval", "test.json")) as f:
+    rows = json.load(f)["rows"]
+  assert set(rows) == {"model", "shuffled audio", "ground truth (read)"}
+  # The face reader reads the true 32-px renders almost perfectly: the table's ceiling.
+  assert rows["ground truth (read)"]["lip_corr"] > 0.9
+  for name in ("model", "shuffled audio"):
+    assert rows[name]["clips"] == 2
+    assert np.isfinite(rows[name]["fd_face"]) and rows[name]["fd_face"] > 0
+    assert np.isfinite(rows[name]["jaw_leak"])
+  # The VAE was loaded frozen (init_from.vae), the DiT trained.
+  system, model, config, step = trainer.restore_model(workdir)
+  assert step == 3 and config.init_from.vae.into == "model/vae"
+  vae_model = trainer.restore_model(latents[0])[1]
+  np.testing.assert_array_equal(np.asarray(model.vae.decoder.conv_in.conv.kernel[...]),
+                                np.asarray(vae_model.decoder.conv_in.conv.kernel[...]))
+  # Rerunning with more steps resumes from step 3 (in a copy: the fixture stays at step 3).
+  again = str(tmp_path / "again")
+  shutil.copytree(workdir, again)
+  c2 = _bm_config(latents, "steps=5")
+  c2.evals = {}
+  trainer.train_and_evaluate(c2, again)
+  assert trainer.restore_model(again)[3] == 5
+
+
+def test_windowed_sampling_continues_each_window_from_the_last(trained):
+  system, model, config, _ = trainer.restore_model(trained)
+  spec = system.data_spec()
+  data = runner.data_config(config, runner.evaluator("synthdyad", windows="full", batch_size=2))
+  batch = next(pipeline.make(data, "test", keys=spec.keys, shuffle=False,
+                             num_epochs=1, shard_index=0, shard_count=1))
+  rows = batch["latent_self"].shape[1]                          # 10 latent rows
+  gen = jax.jit(lambda b, r: system.generate(model, b, r, window=4, overlap=1, steps=2,
+                                             decode=False))
+  b = {k: jnp.asarray(v) for k, v in batch.items() if k in spec.keys}
+  out = gen(b, jax.random.key(0))
+  win = np.asarray(out.extras["windows"])                       # [3, B, 4, h, w, z]
+  assert out.value.shape == batch["latent_self"].shape and win.shape[:3] == (3, 2, 4)
+  for j in (1, 2):                  # each window starts from the last row of the one before
+    np.testing.assert_array_equal(win[j][:, 0], win[j - 1][:, -1])
+  np.testing.assert_array_equal(np.asarray(out.value)[:, :4], win[0])
+  np.testing.assert_array_equal(np.asarray(out.value)[:, 4:7], win[1][:, 1:])
+  assert np.all(np.isfinite(win)) and rows == 10
+  # The reference frame may come as an image (encoded by the frozen VAE) instead of its latent.
+  no_latent = {k: v for k, v in b.items() if k != "reference_latent"}
+  _, refs = motion.truth_videos(config, "test", batch, 1)      # re-rendered from the generator
+  no_latent["reference_image"] = jnp.asarray(np.stack(refs))
+  out_img = gen(no_latent, jax.random.key(0))
+  np.testing.assert_allclose(np.asarray(out_img.value), np.asarray(out.value), atol=2e-4)
+  with pytest.raises(ValueError, match="overlap 4 must be in"):
+    system.generate(model, b, jax.random.key(0), window=4, overlap=4, steps=1, decode=False)
