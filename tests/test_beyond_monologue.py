@@ -125,3 +125,31 @@ def test_windowed_sampling_continues_each_window_from_the_last(trained):
   np.testing.assert_allclose(np.asarray(out_img.value), np.asarray(out.value), atol=2e-4)
   with pytest.raises(ValueError, match="overlap 4 must be in"):
     system.generate(model, b, jax.random.key(0), window=4, overlap=4, steps=1, decode=False)
+
+
+def test_sample_from_wavs_and_a_reference_image(trained, tmp_path):
+  """`python -m avatar_jax.sample --reference face.png --self-audio a.wav --partner-audio b.wav`
+  on the video system: any audio length, the face from an image file."""
+  from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
+  from avatar_jax.data.synthdyad import render as sd_render  # pylint: disable=g-import-not-at-top
+  from avatar_jax.evals import samples  # pylint: disable=g-import-not-at-top
+  from avatar_jax import render  # pylint: disable=g-import-not-at-top
+  system, model, config, _ = trainer.restore_model(trained)
+  r = np.random.default_rng(0)
+  media.write_wav(tmp_path / "a.wav", 0.1 * r.standard_normal(int(16000 * 1.3)).astype(np.float32))
+  media.write_wav(tmp_path / "b.wav", 0.1 * r.standard_normal(int(16000 * 0.9)).astype(np.float32))
+  face = sd_render.reference_image(render.identity(config, render.default_identities()[1]), 48)
+  media.write_png(tmp_path / "face.png", face)
+  got = media.read_image(tmp_path / "face.png", 32)
+  assert got.shape == (32, 32, 3) and got.dtype == np.uint8
+  out = str(tmp_path / "out.mp4")
+  frames = samples.wav_video(system, model, config, str(tmp_path / "a.wav"),
+                             str(tmp_path / "b.wav"), out, jax.random.key(0),
+                             reference=str(tmp_path / "face.png"))
+  # 1.3 s = 32 frames at 25 fps -> 8 latent rows -> 1 + 4·7 frames.
+  assert frames.shape == (29, 32, 32, 3) and os.path.getsize(out) > 0
+  default = samples.wav_video(system, model, config, str(tmp_path / "a.wav"),
+                              str(tmp_path / "b.wav"), str(tmp_path / "d.mp4"), jax.random.key(0))
+  assert np.abs(default.astype(int) - frames.astype(int)).mean() > 0   # the face changes it
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    media.read_image(tmp_path / "missing.png")

@@ -224,6 +224,27 @@ def frame_strip(frames: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate(list(frames[idx]), axis=1)
 
 
+def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+  """An image file (PNG, JPEG, ... anything ffmpeg decodes) as uint8 RGB [H, W, 3]; with `size`,
+  centre-cropped to a square and resized to size × size (a face crop for the avatar)."""
+  import av  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"read_image: {path} does not exist")
+  try:
+    with av.open(str(path)) as container:
+      frame = next(container.decode(video=0))
+  except (av.error.FFmpegError, StopIteration) as e:
+    raise ValueError(f"read_image: {path} is not an image ffmpeg can decode: {e}") from e
+  if size is not None:
+    side = min(frame.width, frame.height)
+    image = frame.to_ndarray(format="rgb24")
+    top, left = (frame.height - side) // 2, (frame.width - side) // 2
+    square = av.VideoFrame.from_ndarray(
+        np.ascontiguousarray(image[top:top + side, left:left + side]), format="rgb24")
+    frame = square.reformat(width=int(size), height=int(size), interpolation="AREA")
+  return frame.to_ndarray(format="rgb24")
+
+
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes uint8 `[H, W, 3]` RGB (or `[H, W]` grey) as an 8-bit PNG."""
   image = np.asarray(image)

@@ -18,6 +18,7 @@ from avatar_jax import render
 from avatar_jax import system as system_lib
 from avatar_jax.data import features, media, pipeline
 from avatar_jax.data.synthdyad import flame
+from avatar_jax.data.synthdyad import render as synthdyad_render
 from avatar_jax.evals import runner
 
 AUDIO_KEYS = ("audio_self", "audio_partner")
@@ -44,9 +45,13 @@ def clip_video(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
 
 def wav_video(system: system_lib.System, model, config: ml_collections.ConfigDict, self_wav: str,
               partner_wav: str, path: str, rng: jax.Array, *,
-              identities: tuple[int, int] | None = None) -> np.ndarray:
+              identities: tuple[int, int] | None = None, reference: str | None = None
+              ) -> np.ndarray:
   """The avatar talking with `self_wav` and listening to `partner_wav` (any rate, resampled);
   writes `path` and returns the frames uint8 [T, H, W, 3].
+
+  Video systems animate the face of `reference` (an image file, centre-cropped and resized to
+  the run's resolution) or, by default, the SynthDyad identity's reference frame.
 
   The partner is drawn with SynthDyad's rule for a speaker's jaw (its audio envelope), as no
   partner motion exists; a model that conditions on partner motion gets that motion too.
@@ -67,6 +72,10 @@ def wav_video(system: system_lib.System, model, config: ml_collections.ConfigDic
            "flame56_partner": flame.to_flame56(partner)[None],
            "identity_self": np.array([ids[0]], np.int32),
            "identity_partner": np.array([ids[1]], np.int32)}
+  res = int(config.data.synthdyad.resolution)
+  batch["reference_image"] = (media.read_image(reference, res) if reference else
+                              synthdyad_render.reference_image(render.identity(config, ids[0]),
+                                                               res))[None]
   out = runner.generator(system, model)(batch, rng)
   frames = system.decode(out, batch)[0]
   render.write(path, frames, fps, a_self + a_partner, sr)
