@@ -675,3 +675,26 @@ def test_package_import_loads_no_pallas_backend():
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert r.returncode == 0, r.stderr[-2000:]
+
+
+# fp16 matmuls do not run on XLA:CPU; the fp32 case has rows with no visible key.
+@pytest.mark.parametrize("name", ["bf16_d128_block_causal_lookahead_padding"])
+def test_dense_bias_peer_matches_float64_reference(name, monkeypatch):
+  """implementation="cudnn_bias" (the bias materialised for jax.nn.dot_product_attention, the
+  peer benchmarks compare against): on CPU the same path with XLA's attention must match the
+  float64 reference, gradients to σ included (rows with no visible key excluded: its finite
+  bias averages them instead of returning zeros)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from avatar_jax.kernels.gaussian_attention import reference  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(reference, "gaussian_attention_dense_bias", functools.partial(
+      reference.gaussian_attention_dense_bias, dpa_implementation="xla"))
+  c = CASES[name]
+  x, q_seg, kv_seg, sigma = case_arrays(name)
+  vis = np_visible(x["tq"], x["tk"], q_seg=q_seg, kv_seg=kv_seg, **c["mask"])
+  ref_out, ref_grads = np_attention(x["q"], x["k"], x["v"], x["tq"], x["tk"], sigma,
+                                    x["q"].shape[-1] ** -0.5, vis, x["dout"])
+  out, grads = run_impl("cudnn_bias", x, q_seg, kv_seg, sigma, c["mask"], {})
+  low = c["shape"]["dtype"] != jnp.float32
+  assert rel_err(out, ref_out) <= (2e-2 if low else 1e-5), rel_err(out, ref_out)
+  for gname, g, r in zip(("dq", "dk", "dv", "dsigma"), grads, ref_grads):
+    assert rel_err(g, r) <= (5e-2 if low else 1e-4), (gname, rel_err(g, r))

@@ -13,6 +13,9 @@ Implementations (``implementation=``):
   * ``"pallas_tpu"``: Pallas TPU kernels (``pallas_tpu.py``); ``interpret=True`` runs them on
     CPU in TPU interpret mode.
   * ``"pallas_gpu"``: Pallas Mosaic-GPU kernels for Hopper (``pallas_gpu.py``).
+  * ``"cudnn_bias"``: the peer a user would otherwise run: the bias materialised as
+    [B, H, Nq, Nk] and passed to ``jax.nn.dot_product_attention(implementation="cudnn")``
+    (GPU only; for benchmarks, never chosen by "auto").
   * ``"auto"``: by ``jax.default_backend()``: tpu → pallas_tpu, gpu → pallas_gpu when its
     module is importable (else xla_chunked), cpu → xla, or xla_chunked when the logits
     would exceed ``_AUTO_MATERIALISE_LIMIT`` elements.
@@ -33,7 +36,7 @@ import numpy as np
 from avatar_jax.kernels.gaussian_attention import common
 from avatar_jax.kernels.gaussian_attention import reference
 
-IMPLEMENTATIONS = ("auto", "xla", "xla_chunked", "pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("auto", "xla", "xla_chunked", "pallas_tpu", "pallas_gpu", "cudnn_bias")
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 # Above this many logits (B·H·Nq·Nk) "auto" on CPU switches from the materialising reference
 # to the chunked one (2^26 float32 logits = 256 MiB, plus the same again for autodiff).
@@ -164,7 +167,7 @@ def gaussian_attention(q, k, v, t_q, t_k, sigma, *, scale=None, causal=False,
       (blocked backends skip whole blocks; "xla" stays exact). Output error per row is at
       most 2·max|v|·|S|·exp(A − m − bias_cutoff), S the skipped keys, m the row's max kept
       logit, A the largest q·k·scale among skipped keys (see docs/gaussian_attention.md).
-    implementation: "auto" | "xla" | "xla_chunked" | "pallas_gpu" | "pallas_tpu".
+    implementation: "auto" | "xla" | "xla_chunked" | "pallas_gpu" | "pallas_tpu" | "cudnn_bias".
     interpret: run Pallas kernels in interpret mode (CPU testing).
     return_lse: also return lse [B, H, Nq] float32, the natural-log normaliser
       log Σ_j exp(s_ij) over the visible (kept) keys, −inf for a row with none. Differentiable:
@@ -195,6 +198,12 @@ def gaussian_attention(q, k, v, t_q, t_k, sigma, *, scale=None, causal=False,
                                                  spec=spec, q_segment_ids=q_seg,
                                                  kv_segment_ids=kv_seg,
                                                  return_lse=return_lse)
+  if impl == "cudnn_bias":
+    if block_sizes or return_lse:
+      raise TypeError("implementation='cudnn_bias' takes no block sizes and has no lse")
+    return reference.gaussian_attention_dense_bias(q, k, v, t_q, t_k, sigma, scale=scale,
+                                                   spec=spec, q_segment_ids=q_seg,
+                                                   kv_segment_ids=kv_seg)
   if q_segment_ids is None and kv_segment_ids is None:
     q_seg = kv_seg = None  # backends may then know statically that nothing is masked
   static = _Static(impl, scale, spec, bool(interpret), tuple(sorted(block_sizes.items())),

@@ -251,3 +251,20 @@ def backward(q, k, v, t_q, t_k, sigma, out, lse, dout, *, scale, spec, q_segment
   dv = dv.transpose(1, 0, 3, 2, 4).reshape(b, -1, hkv, d)[:, :nk]
   dsigma = common.dsigma_from_partial(dsig.reshape(h).astype(jnp.float32), sigma)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dsigma
+
+
+def gaussian_attention_dense_bias(q, k, v, t_q, t_k, sigma, *, scale, spec, q_segment_ids,
+                                  kv_segment_ids, dpa_implementation="cudnn"):
+  """The Gaussian term (and the mask, as a large negative) materialised as a [B, H, Nq, Nk] bias
+  in q.dtype and handed to `jax.nn.dot_product_attention` (cuDNN's fused attention with a bias
+  input on GPU: what a user without our kernel would run). Autodiff reaches σ through the bias.
+  A query with no visible key gets the uniform average instead of zeros (the bias is finite)."""
+  b, nq, h, _ = q.shape
+  dt = t_q[:, :, None].astype(jnp.float32) - t_k[:, None, :].astype(jnp.float32)
+  bias = -(dt * dt)[:, None] * _inv(sigma, jnp.float32)[None, :, None, None]
+  vis = common.visible(spec, t_q[:, :, None], t_k[:, None, :], q_segment_ids[:, :, None],
+                       kv_segment_ids[:, None, :])
+  neg = jnp.asarray(jnp.finfo(q.dtype).min / 2, jnp.float32)
+  bias = jnp.maximum(jnp.where(vis[:, None], bias, neg), neg).astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                      implementation=dpa_implementation)
