@@ -62,6 +62,32 @@ def test_kv_cache_block_causal_lookahead_equals_full():
   np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_ring_kv_cache_is_a_sliding_window_in_constant_memory():
+  """A ring cache of 8 slots fed blocks of 4 tokens for 40 tokens equals full attention under a
+  sliding window of one block back (block-causal + |Δt| <= window): the slots overwritten are
+  exactly those the window no longer sees."""
+  blk = 4
+  layer = _nonzero_out(_layer(causal_block=blk / 25.0, history=blk / 25.0 + 1e-4, rope="1d"))
+  b, n = 2, 40
+  x = jax.random.normal(jax.random.key(5), (b, n, 32))
+  t = jnp.broadcast_to(jnp.arange(n, dtype=F32) / 25.0, (b, n))
+  full = layer(x, t, x, t)
+  cache = attention.KVCache.init(b, 2 * blk, 4, 8, ring=True)
+  step = nnx.jit(lambda layer, xi, ti, cache: layer(xi, ti, xi, ti, cache=cache))
+  outs = []
+  for j in range(n // blk):
+    q = slice(j * blk, (j + 1) * blk)
+    out, cache = step(layer, x[:, q], t[:, q], cache)
+    outs.append(out)
+  # The window reaches 4 frames back: a block's queries see at most the block before theirs,
+  # which the 8 slots still hold when the block is written.
+  np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
+  assert int(cache.end) == n and cache.k.shape[1] == 2 * blk
+  with pytest.raises(ValueError, match="writes that divide it"):
+    cache.append(x[:, :3, None, :8].repeat(4, 2), x[:, :3, None, :8].repeat(4, 2), t[:, :3],
+                 jnp.zeros((b, 3), jnp.int32))
+
+
 @pytest.mark.parametrize("kind", ["1d", "3d"])
 def test_rope_scores_depend_on_position_differences_only(kind):
   rng = np.random.default_rng(0)

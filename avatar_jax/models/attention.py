@@ -81,27 +81,38 @@ class KVCache:
 
   k, v: [B, L, Hkv, D] (already projected and rotated); t: [B, L] key times (seconds);
   seg: [B, L] int32 segment ids, −1 for slots not yet written (never visible); end: int32
-  scalar, the number of slots written.
+  scalar, the number of tokens written so far.
+  ring: a ring buffer (static): token i lives in slot i mod L, so the newest L tokens stay and
+  memory is constant however long the stream runs (a sliding window; visibility still follows
+  the times, so L must hold a layer's `window` plus the tokens written per call). Writes of n
+  tokens need L % n == 0.
   """
   k: jax.Array
   v: jax.Array
   t: jax.Array
   seg: jax.Array
   end: jax.Array
+  ring: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-           dtype=jnp.float32) -> "KVCache":
+           dtype=jnp.float32, *, ring: bool = False) -> "KVCache":
     z = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
     return cls(k=z, v=z, t=jnp.zeros((batch, max_len), jnp.float32),
-               seg=jnp.full((batch, max_len), -1, jnp.int32), end=jnp.zeros((), jnp.int32))
+               seg=jnp.full((batch, max_len), -1, jnp.int32), end=jnp.zeros((), jnp.int32),
+               ring=ring)
 
   def append(self, k, v, t, seg) -> "KVCache":
-    """Writes n new tokens at [end, end + n): k, v [B, n, Hkv, D], t [B, n], seg [B, n]."""
+    """Writes n new tokens at [end, end + n) (mod L for a ring): k, v [B, n, Hkv, D], t [B, n],
+    seg [B, n]."""
+    n, size = k.shape[1], self.k.shape[1]
+    if self.ring and size % n:
+      raise ValueError(f"ring KVCache of {size} slots takes writes that divide it, got {n}")
+    at = self.end % size if self.ring else self.end
     put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
-                                                               self.end, axis=1)
+                                                               at, axis=1)
     return KVCache(k=put(self.k, k), v=put(self.v, v), t=put(self.t, t), seg=put(self.seg, seg),
-                   end=self.end + k.shape[1])
+                   end=self.end + n, ring=self.ring)
 
 
 def _context_size() -> int:
@@ -120,9 +131,13 @@ class TimeAttention(nnx.Module):
                sigma_range: Sequence[float] = (0.04, 2.0), learn_sigma: bool = True,
                window: float = 0.04, implementation: str = "auto", num_kv_heads: int | None = None,
                causal: bool = False, causal_block: float | None = None, lookahead_blocks: int = 0,
+               history: float | None = None,
                rope: str | None = None, rope_theta: float = 10_000.0, rope_rate: float = 25.0,
                dtype=None, param_dtype=jnp.float32):
-    """rope: None, "1d" (positions = time·`rope_rate`, i.e. frames at 25 fps by default) or "3d"
+    """history: seconds; keys farther than this from the query are invisible (|t_q − t_k| ≤
+    history, with `causal`/`causal_block` a sliding window into the past that a ring KVCache
+    holds in constant memory). rope: None, "1d" (positions = time·`rope_rate`, i.e. frames at
+    25 fps by default) or "3d"
     (positions [B, N, 3] passed to the call). dtype: compute dtype of q/k/v and projections
     (bf16 lets the fused GPU/TPU kernels run); σ and the softmax statistics stay float32."""
     if mode not in MODES:
@@ -138,6 +153,9 @@ class TimeAttention(nnx.Module):
     self.mode, self.learn_sigma, self.window = mode, learn_sigma, window
     self.implementation = implementation
     self.causal, self.causal_block, self.lookahead_blocks = causal, causal_block, lookahead_blocks
+    if history is not None and mode == "frame":
+      raise ValueError("attention: `history` bounds the gaussian/global modes; 'frame' has `window`")
+    self.history = history
     self.rope, self.rope_theta, self.rope_rate = rope, rope_theta, rope_rate
     self.dtype = dtype
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -160,7 +178,7 @@ class TimeAttention(nnx.Module):
   def _mask_kwargs(self):
     return dict(causal=self.causal, causal_block=self.causal_block,
                 lookahead_blocks=self.lookahead_blocks,
-                window=self.window if self.mode == "frame" else None)
+                window=self.window if self.mode == "frame" else self.history)
 
   def implementation_for(self, batch: int, nq: int, nk: int) -> str:
     """The backend `implementation="auto"` resolves to for these shapes (for benchmarks)."""
