@@ -51,8 +51,8 @@ def np_visible(tq, tk, *, causal=False, causal_block=None, lookahead_blocks=0, w
   vis = np.ones((b, nq, nk), bool)
   dt = tq[:, :, None] - tk[:, None, :]
   if causal_block is not None:
-    bq = np.floor(tq / causal_block + 1e-6)
-    bk = np.floor(tk / causal_block + 1e-6)
+    bq = np.floor(tq / causal_block + 1e-3)   # common.BLOCK_EPS: on a block's start within 1e-3
+    bk = np.floor(tk / causal_block + 1e-3)
     vis &= bk[:, None, :] <= bq[:, :, None] + lookahead_blocks
   elif causal:
     vis &= dt >= 0

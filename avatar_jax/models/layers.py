@@ -51,12 +51,14 @@ class Mlp(nnx.Module):
 
 
 class Conv1d(nnx.Module):
-  """'SAME' temporal convolution over [B, T, Din] -> [B, T, Dout]."""
+  """Temporal convolution over [B, T, Din] -> [B, T, Dout]: 'SAME', or `causal` (pads only the
+  past, so output t sees inputs <= t: what a streaming model needs)."""
 
   def __init__(self, din: int, dout: int, kernel: int, *, rngs: nnx.Rngs, dilation: int = 1,
-               dtype=None, param_dtype=jnp.float32):
+               causal: bool = False, dtype=None, param_dtype=jnp.float32):
+    padding = [(dilation * (kernel - 1), 0)] if causal else "SAME"
     self.conv = nnx.Conv(
-        din, dout, kernel_size=(kernel,), kernel_dilation=(dilation,), padding="SAME", rngs=rngs,
+        din, dout, kernel_size=(kernel,), kernel_dilation=(dilation,), padding=padding, rngs=rngs,
         dtype=dtype, param_dtype=param_dtype,
         kernel_init=logical(nnx.initializers.lecun_normal(), (None, "conv_in", "conv_out")),
         bias_init=logical(nnx.initializers.zeros_init(), ("conv_out",)))

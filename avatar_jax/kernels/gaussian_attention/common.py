@@ -85,8 +85,11 @@ import numpy as np
 # 1/(2σ²) is clamped so that σ → 0 cannot produce 0·inf = NaN at t_q == t_k or an infinite
 # Gaussian term; σ below ~7e-10 s then behaves like σ = 7e-10 s (nearest-time key wins).
 INV_TWO_SIGMA_SQ_MAX = 1e18
-# Time offsets added before flooring, so that t = n·b computed in float32 lands in block n.
-BLOCK_EPS = 1e-6
+# Time offset (in blocks) added before flooring, so that t = n·b computed in float32 lands in
+# block n: a time within 1e-3 of a block's start counts as in that block. 1e-6 was below one
+# float32 ulp of t/b from t/b ≈ 8 on (ulp(54) = 3.8e-6), so two roundings of the same frame
+# time (54/25 vs 50/25 + 4/25) could fall in different blocks.
+BLOCK_EPS = 1e-3
 # Sentinel for "no valid key in this block" in segment-id statistics.
 _SEG_BIG = np.iinfo(np.int32).max
 

@@ -41,13 +41,15 @@ def channel_stats(batches, key: str, channels: int, floor: float) -> dict[str, n
 
 
 class AudioEncoder(nnx.Module):
-  """log-mel [B, Ta, M] -> tokens [B, Ta, D] with ~0.3 s of local context (dilated convs)."""
+  """log-mel [B, Ta, M] -> tokens [B, Ta, D] with ~0.3 s of local context (dilated convs);
+  `causal`: the context is the past only (streaming models)."""
 
-  def __init__(self, n_mels: int, d: int, *, rngs: nnx.Rngs, layers: int = 3, dtype=None,
-               param_dtype=jnp.float32):
+  def __init__(self, n_mels: int, d: int, *, rngs: nnx.Rngs, layers: int = 3, causal: bool = False,
+               dtype=None, param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.inp = dense(n_mels, d, (None, "embed"), **kw)
-    self.convs = nnx.List([Conv1d(d, d, 3, dilation=2 ** i, **kw) for i in range(layers)])
+    self.convs = nnx.List([Conv1d(d, d, 3, dilation=2 ** i, causal=causal, **kw)
+                           for i in range(layers)])
     self.norm = layer_norm(d, **kw)
 
   def __call__(self, mel):
@@ -58,31 +60,45 @@ class AudioEncoder(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Self-attention over motion frames, cross-attention to each audio stream, MLP."""
+  """Self-attention over motion frames, cross-attention to each audio stream, MLP.
+
+  self_mask / cross_mask: extra TimeAttention mask arguments (causal_block, lookahead_blocks,
+  history) of the self- and the cross-attentions; empty for the offline model, block-causal
+  for a streaming one (models/motion/forcing.py).
+  """
 
   def __init__(self, d: int, heads: int, cfg, *, rngs: nnx.Rngs, dtype=None,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, self_mask=None, cross_mask=None):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     attn = dict(mode=cfg.attention.mode, learn_sigma=cfg.attention.learn_sigma,
                 window=cfg.attention.window, implementation=cfg.attention.implementation, **kw)
+    cross = {**attn, **(cross_mask or {})}
     self.norm1 = AdaLN(d, d, **kw)
     self.self_attn = TimeAttention(d, d, heads, sigma_range=tuple(cfg.attention.self_sigma_range),
-                                   **{**attn, "mode": "gaussian" if cfg.attention.mode != "global" else "global"})
+                                   **{**attn, **(self_mask or {}),
+                                      "mode": "gaussian" if cfg.attention.mode != "global" else "global"})
     self.norm_a = layer_norm(d, **kw)
-    self.cross_self = TimeAttention(d, d, heads, sigma_range=tuple(cfg.attention.sigma_range), **attn)
+    self.cross_self = TimeAttention(d, d, heads, sigma_range=tuple(cfg.attention.sigma_range), **cross)
     self.norm_p = layer_norm(d, **kw)
-    self.cross_partner = TimeAttention(d, d, heads, sigma_range=tuple(cfg.attention.sigma_range), **attn)
+    self.cross_partner = TimeAttention(d, d, heads, sigma_range=tuple(cfg.attention.sigma_range), **cross)
     self.norm2 = AdaLN(d, d, **kw)
     self.mlp = Mlp(d, 4 * d, **kw)
 
-  def __call__(self, h, t_v, cond, a_self, a_partner, t_a):
+  def __call__(self, h, t_v, cond, a_self, a_partner, t_a, cache=None):
+    """h [B, T, D] at frame times t_v [B, T]; cond [B, D] or per frame [B, T, D]. With a
+    self-attention KVCache (streaming), returns (h, cache)."""
     h = sharding.constrain(h, ("batch", "time", "embed"))
     x, gate = self.norm1(h, cond)
-    h = h + gate * self.self_attn(x, t_v, x, t_v)
+    if cache is None:
+      h = h + gate * self.self_attn(x, t_v, x, t_v)
+    else:
+      out, cache = self.self_attn(x, t_v, x, t_v, cache=cache)
+      h = h + gate * out
     h = h + self.cross_self(self.norm_a(h), t_v, a_self, t_a)
     h = h + self.cross_partner(self.norm_p(h), t_v, a_partner, t_a)
     x, gate = self.norm2(h, cond)
-    return h + gate * self.mlp(x)
+    h = h + gate * self.mlp(x)
+    return h if cache is None else (h, cache)
 
 
 class MotionDiT(nnx.Module):
