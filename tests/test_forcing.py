@@ -67,7 +67,7 @@ def _recompute(system, model, batch, rng, steps, past, scales=(1.0, 1.0)):
     mp = jnp.asarray(batch["motion_partner"])
     mp = jnp.pad(mp, ((0, 0), (0, nblocks * blk - n), (0, 0)), mode="edge")
     partner = model.partner_input(jnp.tile(mp, (g, 1, 1)), du)
-  keys = jax.random.split(rng, nblocks)
+  keys = [jax.random.fold_in(rng, k) for k in range(nblocks)]
   out = []
   for k in range(nblocks):
     f0 = k * blk

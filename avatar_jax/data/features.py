@@ -164,9 +164,30 @@ def log_mel(audio: np.ndarray, cfg: MelConfig = MelConfig()) -> np.ndarray:
     return np.zeros(audio.shape[:-1] + (0, cfg.n_mels), np.float32)
   # float32 end to end: scipy's FFT keeps complex64 (numpy's upcasts to complex128), and a matmul
   # of two float32 operands goes to BLAS (mixed dtypes fall back to a slow loop); ~10x faster.
-  frames = _frames(audio.astype(np.float32), cfg) * _window(cfg.win_length, cfg.n_fft).astype(
-      np.float32
-  )
+  return _log_mel_of_frames(_frames(audio.astype(np.float32), cfg), cfg)
+
+
+def log_mel_range(audio: np.ndarray, offset: int, first: int, count: int,
+                  cfg: MelConfig = MelConfig()) -> np.ndarray:
+  """Mel frames `first .. first + count - 1` of a longer signal of which `audio` [S] holds the
+  samples from index `offset` on (zeros elsewhere, as `log_mel` pads): `[count, n_mels]`, equal
+  to `log_mel(whole)[first:first + count]` for a signal that starts at sample 0. What a stream
+  computes from a buffer that keeps only recent samples."""
+  cfg.validate()
+  half, c0, hop = cfg.n_fft // 2, cfg.hop_length // 2, cfg.hop_length
+  lo = first * hop + c0 - half                      # first sample of frame `first`
+  hi = (first + count - 1) * hop + c0 + (cfg.n_fft - half)
+  x = np.zeros(hi - lo, np.float32)
+  a, b = max(lo, offset), min(hi, offset + len(audio))
+  if b > a:
+    x[a - lo:b - lo] = audio[a - offset:b - offset]
+  frames = np.lib.stride_tricks.sliding_window_view(x, cfg.n_fft)[::hop][:count]
+  return _log_mel_of_frames(frames, cfg)
+
+
+def _log_mel_of_frames(frames: np.ndarray, cfg: MelConfig) -> np.ndarray:
+  """[..., n, n_fft] framed samples -> [..., n, n_mels] log-mel."""
+  frames = frames * _window(cfg.win_length, cfg.n_fft).astype(np.float32)
   spec = scipy.fft.rfft(frames, n=cfg.n_fft, axis=-1)
   power = np.square(spec.real) + np.square(spec.imag)
   fb = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)

@@ -291,7 +291,8 @@ class System(system_lib.System):
                                       steps=steps, method=method, scales=scales)
       return caches, x
 
-    keys = jax.random.split(rng, nblocks)
+    # Block k's noise is fold_in(rng, k): a stream of unknown length draws the same.
+    keys = jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(nblocks))
     _, xs = jax.lax.scan(one_block, model.init_caches(g * b), (jnp.arange(nblocks), keys))
     x = jnp.swapaxes(xs, 0, 1).reshape(b, nblocks * blk, c)[:, :n]
     return system_lib.Outputs(value=model.denormalize(x), space="motion")

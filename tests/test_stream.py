@@ -1,0 +1,111 @@
+"""Streaming (avatar_jax/stream.py): pushed chunks of any size give the offline model's motion,
+memory stays constant over a long conversation, and the command replays wavs."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avatar_jax import stream
+from avatar_jax.data import features
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_forcing import _config, _model  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _voices(seconds, seed=0):
+  r = np.random.default_rng(seed)
+  n = int(16000 * seconds)
+  t = np.arange(n) / 16000
+  env = (np.sin(2 * np.pi * 0.7 * t) > 0).astype(np.float32)    # turns of speech and silence
+  return ((0.2 * r.standard_normal(n) * env).astype(np.float32),
+          (0.2 * r.standard_normal(n) * (1 - env)).astype(np.float32))
+
+
+def _offline(system, model, config, a, b, rng, motion=None):
+  mel = features.mel_config_from(config.data.features)
+  batch = {"mel_self": jnp.asarray(features.log_mel(a, mel)[None]),
+           "mel_partner": jnp.asarray(features.log_mel(b, mel)[None])}
+  if motion is not None:
+    batch["motion_partner"] = jnp.asarray(motion[None])
+  return np.asarray(system.generate(model, batch, rng).value)[0]
+
+
+@pytest.mark.parametrize("arg,chunks", [
+    ("block=10,lookahead=2,history=1.0", "40ms"),
+    ("block=10,lookahead=2,history=1.0", "random"),
+    ("block=5,lookahead=1,history=0.5,user_motion=true,nfe=2", "320ms"),
+])
+def test_pushed_chunks_give_the_offline_motion(arg, chunks):
+  c = _config(f"size=tiny,{arg}")
+  system, model = _model(c)
+  a, b = _voices(3.04)                       # 76 frames: not a whole number of blocks
+  motion = np.random.default_rng(1).standard_normal((76, 10)).astype(np.float32)
+  rng = jax.random.key(5)
+  want = _offline(system, model, c, a, b, rng, motion if system.cfg.use_partner_motion else None)
+  agent = stream.DuplexAgent(system, model, c, rng=rng)
+  r = np.random.default_rng(2)
+  i, frames, sent = 0, [], 0
+  while i < len(a):
+    n = {"40ms": 640, "320ms": 5120}.get(chunks) or int(r.integers(1, 4000))
+    m = None
+    if system.cfg.use_partner_motion:        # the user's camera: frames as their audio arrives
+      upto = min(76, (i + n) // 640)
+      m, sent = motion[sent:upto], upto
+    frames.append(agent.push(a[i:i + n], b[i:i + n], m))
+    i += n
+  frames.append(agent.close())
+  frames = np.concatenate(frames)
+  got = np.concatenate(agent.motion)[:76]
+  assert frames.shape == (76, 64, 64, 3) and frames.dtype == np.uint8
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # A block is out as soon as its look-ahead audio is in: never more than one block late.
+  assert len(agent.latency) == -(-76 // system.cfg.block)
+
+
+def test_an_hour_scaled_down_runs_in_constant_memory():
+  """60 s pushed in 40 ms chunks: the buffers and caches stop growing after the history fills."""
+  c = _config("size=tiny,block=10,lookahead=2,history=1.0,nfe=1")
+  system, model = _model(c)
+  a, b = _voices(60.0)
+  agent = stream.DuplexAgent(system, model, c)
+  early, late = [], []
+  for i in range(0, len(a), 640):
+    agent.push(a[i:i + 640], b[i:i + 640])
+    (early if i < 16000 * 15 else late if i > 16000 * 45 else []).append(agent.memory_bytes())
+  agent.close()
+  assert agent.frames_out >= 1500
+  # The buffers breathe within a block's worth of audio; the peak does not grow.
+  assert max(late) <= max(early[len(early) // 2:]), (max(early), max(late))
+  assert max(len(x) for x in agent.audio.values()) < 16000 * 2.5   # ~history + window of audio
+
+
+def test_stream_command_replays_wavs(tmp_path):
+  from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
+  from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
+  c = _config("size=tiny,steps=2,batch=8,clip_frames=40,nfe=1")
+  c.data.split_sizes.train, c.data.split_sizes.test = 16, 2
+  c.evals = {}
+  c.train.progress_bar, c.train.stats_batches = False, 1
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(c, workdir)
+  a, b = _voices(1.6)
+  media.write_wav(tmp_path / "a.wav", a)
+  media.write_wav(tmp_path / "b.wav", b)
+  out = str(tmp_path / "s.mp4")
+  res = subprocess.run([sys.executable, "-m", "avatar_jax.stream", "--workdir", workdir,
+                        "--self-audio", str(tmp_path / "a.wav"), "--partner-audio",
+                        str(tmp_path / "b.wav"), "--out", out, "--norealtime"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert os.path.getsize(out) > 0
+  with open(os.path.splitext(out)[0] + ".latency.json") as f:
+    log = json.load(f)
+  assert log["summary"]["blocks"] == 4 and len(log["blocks"]) == 4
+  assert log["summary"]["lookahead_ms"] > 80
