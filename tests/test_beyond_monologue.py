@@ -16,6 +16,9 @@ from avatar_jax.data import encoding, pipeline
 from avatar_jax.evals import motion, runner
 from avatar_jax.models import bm_adapters
 
+# One worker runs this module, so its VAE, latents and trained DiT are built once.
+pytestmark = pytest.mark.xdist_group("beyond_monologue")
+
 
 def _config(name, arg):
   spec = importlib.util.spec_from_file_location(
