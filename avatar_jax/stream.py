@@ -173,7 +173,9 @@ class DuplexAgent:
     # The causal encoder needs _RECEPTIVE tokens before the window, or the clip's start (which
     # the offline model sees as its zero padding).
     start = max(0, first - _RECEPTIVE)
-    count = a0 - start + (self.win - self.before)
+    # A fixed count (one compiled step for every block): the causal encoder ignores the extra
+    # tokens at the end.
+    count = _RECEPTIVE + self.win
     mels = np.stack([self._mel("self", start, count), self._mel("partner", start, count)])
     # The user's motion enters one block late: block k sees frames [f0 - block, f0).
     prev = np.zeros((self.block, self.system.cfg.channels), np.float32)
