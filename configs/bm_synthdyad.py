@@ -1,11 +1,12 @@
 """Beyond Monologue's talking–listening video DiT on SynthDyad latents (models/video/beyond_monologue.py).
 
-Three commands: train the VAE, pre-encode the latents with it, train the DiT on them.
+  python -m avatar_jax.train --config configs/bm_synthdyad.py:size=S,res=64 --workdir runs/bm_s64
+
+after the VAE is trained and its latents pre-encoded:
 
   python -m avatar_jax.train --config configs/vae_synthdyad.py:size=S,res=64 --workdir runs/vae_s64
   python -m avatar_jax.encode --config configs/vae_synthdyad.py:res=64 --encoder runs/vae_s64 \\
       --out runs/vae_s64_latents
-  python -m avatar_jax.train --config configs/bm_synthdyad.py:size=S,res=64 --workdir runs/bm_s64
 
 Training reads latents (latent_self, reference_latent) and log-mels from the encoded arrays;
 the VAE (loaded frozen by init_from.vae) only turns generated latents into frames for the

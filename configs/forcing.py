@@ -12,7 +12,10 @@ Arguments (`--config configs/forcing.py:size=tiny,steps=300`):
   size (tiny: 2 CPU cores | S), steps, batch, block (frames per streamed block), lookahead
   (frames of future audio a frame may see), history (seconds of past attention sees),
   user_motion (condition on the partner's motion, one block late), nfe (sampler steps per
-  block), eval_clips, seed, clip_frames, dtype.
+  block), eval_clips, seed, clip_frames, dtype, dpo (a stage-1 workdir: train the DPO stage from
+  it, diffusion/dpo.py; losers are the policy's samples without the user's conditions), beta.
+
+  python -m avatar_jax.train --config configs/forcing.py:dpo=runs/forcing,steps=300 --workdir runs/forcing_dpo
 """
 from avatar_jax import config_lib
 from avatar_jax.data import pipeline
@@ -30,7 +33,7 @@ SIZES = {
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", steps=0, batch=0, block=10, lookahead=2,
                              history=4.0, user_motion=False, nfe=8, eval_clips=32, seed=0,
-                             clip_frames=100, dtype="float32")
+                             clip_frames=100, dtype="float32", dpo="", beta=500.0)
   if arg.size not in SIZES:
     raise ValueError(f"config argument size={arg.size!r}: expected one of {sorted(SIZES)}")
   size = SIZES[arg.size]
@@ -55,7 +58,12 @@ def get_config(arg=None):
   c.model.sample.steps = arg.nfe
 
   c.init_from = config_lib.init_from()
-  c.optim = dict(lr=size["lr"], warmup_steps=min(200, steps // 10), end_lr_factor=0.05, b1=0.9,
+  if arg.dpo:
+    # Stage 2: start from stage 1 and keep a frozen copy of it as the DPO reference.
+    c.model.dpo.enabled, c.model.dpo.beta = True, arg.beta
+    c.init_from = config_lib.ml_collections.ConfigDict(dict(
+        main=config_lib.init_from(arg.dpo), ref=config_lib.init_from(arg.dpo, into="aux/ref")))
+  c.optim = dict(lr=size["lr"] * (0.1 if arg.dpo else 1.0), warmup_steps=min(200, steps // 10), end_lr_factor=0.05, b1=0.9,
                  b2=0.99, weight_decay=1e-4, clip_norm=1.0, ema_decay=size["ema"])
   c.train = dict(num_steps=steps, log_every=50, ckpt_every=max(steps // 4, 1), max_checkpoints=2,
                  stats_batches=4, progress_bar=True)

@@ -151,8 +151,5 @@ def test_sample_from_wavs_and_a_reference_image(trained, tmp_path):
                              reference=str(tmp_path / "face.png"))
   # 1.3 s = 32 frames at 25 fps -> 8 latent rows -> 1 + 4·7 frames.
   assert frames.shape == (29, 32, 32, 3) and os.path.getsize(out) > 0
-  default = samples.wav_video(system, model, config, str(tmp_path / "a.wav"),
-                              str(tmp_path / "b.wav"), str(tmp_path / "d.mp4"), jax.random.key(0))
-  assert np.abs(default.astype(int) - frames.astype(int)).mean() > 0   # the face changes it
   with pytest.raises(FileNotFoundError, match="does not exist"):
     media.read_image(tmp_path / "missing.png")

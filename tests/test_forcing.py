@@ -139,18 +139,60 @@ def test_block_causal_with_lookahead():
   np.testing.assert_allclose(run(mel, x)[:, :5], base[:, :5], atol=1e-6)
 
 
-def test_tiny_trains_resumes_and_evaluates(tmp_path):
-  c = _config("size=tiny,steps=6,batch=8,eval_clips=2,clip_frames=40,nfe=2")
+def test_tiny_trains_resumes_evaluates_then_dpo_stage(tmp_path):
+  """Stage 1: the tiny config trains, evaluates (SynthDyad table) and resumes. Stage 2
+  (configs/forcing.py:dpo=<stage 1>): the policy and the frozen reference both start from
+  stage 1, so the first DPO loss is log 2; losers come from the policy without the user's
+  conditions; the reference stays frozen."""
+  c = _config("size=tiny,steps=3,batch=8,eval_clips=2,clip_frames=20,nfe=2")
   c.data.split_sizes.train, c.data.split_sizes.test = 16, 2
   c.evals.sample.at_end = False
-  c.train.progress_bar, c.train.log_every, c.train.stats_batches = False, 2, 1
-  workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(c, workdir)
-  with open(os.path.join(workdir, "eval", "test.json")) as f:
+  c.train.progress_bar, c.train.log_every, c.train.stats_batches = False, 1, 1
+  stage1 = str(tmp_path / "stage1")
+  trainer.train_and_evaluate(c, stage1)
+  with open(os.path.join(stage1, "eval", "test.json")) as f:
     rows = json.load(f)["rows"]
   assert {"model", "shuffled audio", "mean motion", "ground truth"} <= set(rows)
   assert rows["model"]["clips"] == 2 and np.isfinite(rows["model"]["jaw_leak"])
-  c.train.num_steps = 8
+  c.train.num_steps = 4
   c.evals = {}
-  trainer.train_and_evaluate(c, workdir)
-  assert trainer.restore_model(workdir)[3] == 8
+  trainer.train_and_evaluate(c, stage1)
+  assert trainer.restore_model(stage1)[3] == 4
+
+  c2 = _config(f"size=tiny,steps=2,batch=8,clip_frames=20,nfe=1,dpo={stage1},beta=50")
+  c2.data.split_sizes.train, c2.data.split_sizes.test = 16, 2
+  c2.evals = {}
+  c2.train.progress_bar, c2.train.stats_batches, c2.train.log_every = False, 1, 1
+  c2.model.dpo.loser_steps = 1
+  s = trainer.setup(c2, trainer.sharding.make_mesh({"data": -1}))
+  system = s.system
+  model, ref = s.model(s.state), s.aux(s.state)["ref"]
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                  jax.tree.leaves(nnx.state(ref, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  batch = s.batch(next(pipeline.make(c2.data, "train", keys=system.data_spec().keys, seed=0,
+                                     shard_index=0, shard_count=1)))
+  # The jitted train step: prepare_batch draws the losers, then the DPO loss; at step 0 the
+  # policy is the reference, so the loss is log 2.
+  ref_before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(ref, nnx.Param))]
+  state, metrics = s.train_step(s.state, batch)    # (donates the state)
+  np.testing.assert_allclose(float(metrics["dpo_loss"]), np.log(2.0), rtol=1e-5)
+  state, metrics = s.train_step(state, batch)
+  assert np.isfinite(float(metrics["dpo_loss"])) and int(state["step"]) == 2
+  # The reference stays frozen.
+  for a, b in zip(ref_before, jax.tree.leaves(nnx.state(s.aux(state)["ref"], nnx.Param))):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_dpo_objective_matches_its_formula():
+  from avatar_jax.diffusion import dpo  # pylint: disable=g-import-not-at-top
+  r = np.random.default_rng(0)
+  ew, ewr, el, elr = (jnp.asarray(r.uniform(0.1, 2.0, 5)) for _ in range(4))
+  beta = 3.0
+  got, m = dpo.loss(ew, ewr, el, elr, beta)
+  margin = (np.asarray(ew) - np.asarray(ewr)) - (np.asarray(el) - np.asarray(elr))
+  want = np.mean(np.log1p(np.exp(beta * margin)))       # −log σ(−β·margin)
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  np.testing.assert_allclose(float(m["dpo_accuracy"]), np.mean(margin < 0), atol=1e-7)
+  # Policy = reference: the loss is log 2 whatever the samples.
+  np.testing.assert_allclose(float(dpo.loss(ew, ew, el, el, beta)[0]), np.log(2.0), rtol=1e-6)

@@ -84,7 +84,7 @@ def system_encoder(config: ml_collections.ConfigDict, workdir: str, split: str) 
   targets = tuple(k for k in TARGET_KEYS if k in have)
   targets += tuple(f"mel_{s}" for s in pipeline.STREAMS if f"audio_{s}" in have)
   spec = system.data_spec()
-  spec_keys = tuple(spec.keys) + tuple(k for k in spec.optional_keys if k in have)
+  spec_keys = tuple(spec.keys) + tuple(k for k in getattr(spec, "optional_keys", ()) if k in have)
   encode = jax.jit(lambda b: system.encode(model, b))
 
   def fn(batch):

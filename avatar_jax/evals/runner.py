@@ -220,7 +220,7 @@ def generator(system: system_lib.System, model: nnx.Module, **options):
   """`gen(batch, rng) -> Outputs` (value as NumPy): `system.generate` jitted once per shape."""
   graphdef, state = nnx.split(model)
   spec = system.data_spec()
-  keys = tuple(spec.keys) + tuple(spec.optional_keys)
+  keys = tuple(spec.keys) + tuple(getattr(spec, "optional_keys", ()))
 
   @jax.jit
   def gen(state, batch, rng):

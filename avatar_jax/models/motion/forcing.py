@@ -34,7 +34,7 @@ from flax import nnx
 from avatar_jax import render
 from avatar_jax import system as system_lib
 from avatar_jax.data import features, pipeline
-from avatar_jax.diffusion import flow, samplers
+from avatar_jax.diffusion import dpo, flow, samplers
 from avatar_jax.models.attention import KVCache
 from avatar_jax.models.layers import AdaLN, Mlp, dense, timestep_embedding
 from avatar_jax.models.motion.motion_dit import AudioEncoder, Block, Stats, channel_stats
@@ -50,6 +50,10 @@ def default_config() -> ml_collections.ConfigDict:
       attention=dict(mode="gaussian", sigma_range=(0.04, 2.0), self_sigma_range=(0.08, 2.0),
                      learn_sigma=True, window=0.04, implementation="auto"),
       sample=dict(steps=8, method="euler", guidance=(1.0, 1.0)),
+      # Stage 2 (configs/forcing.py:dpo=<stage-1 workdir>): winners are the data, losers the
+      # policy's own samples with the user's conditions dropped; a frozen copy of stage 1 is the
+      # reference (aux "ref").
+      dpo=dict(enabled=False, beta=500.0, loser_steps=4),
   ))
 
 
@@ -172,8 +176,31 @@ class System(system_lib.System):
     t_a = features.mel_times(num_audio, self.facts["mel_rate"]) + a0 / self.facts["mel_rate"]
     return (jnp.broadcast_to(t_v, (b, num_frames)), jnp.broadcast_to(t_a, (b, num_audio)))
 
+  def aux_models(self, *, rngs: nnx.Rngs) -> dict:
+    if not self.cfg.dpo.enabled:
+      return {}
+    return {"ref": ForcingDiT(self.cfg, facts=self.facts, rngs=rngs)}
+
+  def prepare_batch(self, model, aux, batch, rng):
+    """DPO stage: the rejected motion is the current policy's sample for the same audio with
+    the user's conditions (voice, motion) dropped: a listener that ignores its partner."""
+    if not self.cfg.dpo.enabled:
+      return batch
+    loser = self.generate(model, batch, rng, steps=int(self.cfg.dpo.loser_steps), user=False,
+                          num_frames=batch["motion_self"].shape[1])
+    return {**batch, "motion_rejected": loser.value}
+
+  def _flow_terms(self, model, batch, x1, x0, t, drop_a, drop_u):
+    audio = model.encode_audio(batch["mel_self"], batch["mel_partner"], drop_a, drop_u)
+    b, n, _ = x1.shape
+    t_v, t_a = self.times(b, n, audio[0].shape[1])
+    partner = (model.partner_input(batch["motion_partner"], drop_u)
+               if self.cfg.use_partner_motion else None)
+    return model(flow.interpolate(x1, x0, t), t, t_v, audio, t_a, partner)
+
   def loss(self, model: ForcingDiT, batch, rng, aux=None):
-    del aux
+    if self.cfg.dpo.enabled:
+      return self._dpo_loss(model, batch, rng, aux)
     r_t, r_n, r_a, r_u = jax.random.split(rng, 4)
     x1 = model.normalize(batch["motion_self"])
     b, n, _ = x1.shape
@@ -190,6 +217,30 @@ class System(system_lib.System):
     v = model(flow.interpolate(x1, x0, t), t, t_v, audio, t_a, partner)
     loss = flow.loss(v, flow.target_velocity(x1, x0))
     return loss, {"flow_mse": loss}
+
+  def _dpo_loss(self, model, batch, rng, aux):
+    """Diffusion-DPO (diffusion/dpo.py) between the data (winner) and `motion_rejected`, both
+    at the same noise and per-block levels, every condition kept."""
+    ref = (aux or {}).get("ref")
+    if ref is None or "motion_rejected" not in batch:
+      raise ValueError("model.dpo.enabled: needs the frozen reference aux 'ref' (init_from into "
+                       "aux/ref) and prepare_batch's motion_rejected")
+    r_t, r_n = jax.random.split(rng)
+    xw, xl = model.normalize(batch["motion_self"]), model.normalize(batch["motion_rejected"])
+    b, n, _ = xw.shape
+    blk = int(self.cfg.block)
+    x0 = jax.random.normal(r_n, xw.shape, xw.dtype)
+    t = block_times(flow.sample_t(r_t, (b, -(-n // blk)), self.cfg.t_sampler), blk, n)
+    keep = jnp.zeros((b,), bool)
+    err = {}
+    for name, m in (("policy", model), ("ref", ref)):
+      for side, x1 in (("w", xw), ("l", xl)):
+        v = self._flow_terms(m, batch, x1, x0, t, keep, keep)
+        e = dpo.per_example(v, flow.target_velocity(x1, x0))
+        err[name, side] = jax.lax.stop_gradient(e) if name == "ref" else e
+    loss, metrics = dpo.loss(err["policy", "w"], err["ref", "w"], err["policy", "l"],
+                             err["ref", "l"], float(self.cfg.dpo.beta))
+    return loss, metrics
 
   # ------------------------------------------------------------------------------- sampling
   def branches(self, scales) -> list[tuple[bool, bool]]:
@@ -248,19 +299,23 @@ class System(system_lib.System):
     return jnp.where(valid, num / (2 * rate * fps), -1e4)
 
   def generate(self, model: ForcingDiT, batch, rng, *, steps=None, method=None,
-               guidance_scales=None, num_frames=None) -> system_lib.Outputs:
+               guidance_scales=None, num_frames=None, user=True) -> system_lib.Outputs:
     """Motion for `batch` generated block by block, exactly as a stream would (KV caches of
-    the clean past, the audio each block is allowed to see): Outputs(motion [B, T, C])."""
+    the clean past, the audio each block is allowed to see): Outputs(motion [B, T, C]).
+    user=False: without the user's conditions (voice, motion) and without guidance, e.g. the
+    DPO stage's rejected samples."""
     s = self.cfg.sample
     steps, method = int(steps or s.steps), method or s.method
     scales = tuple(s.guidance if guidance_scales is None else guidance_scales)
+    if not user:
+      scales = (1.0, 1.0)
     mel_s, mel_p = batch["mel_self"], batch["mel_partner"]
     b, ta = mel_s.shape[:2]
     r = self.facts["mel_rate"] / self.facts["fps"]
     n = int(num_frames or int(round(ta / r)))
     blk = int(self.cfg.block)
     nblocks = -(-n // blk)
-    drops = self.branches(scales)
+    drops = self.branches(scales) if user else [(False, True)]
     g = len(drops)
     da = jnp.repeat(jnp.asarray([d[0] for d in drops]), b)
     du = jnp.repeat(jnp.asarray([d[1] for d in drops]), b)
