@@ -69,7 +69,8 @@ def get_config(arg=None):
                  stats_batches=4, progress_bar=True)
   c.evals = dict(
       sample=runner.evaluator("video", split="test", at_end=True),
+      # flame56: also the 56-d metrics (rPCC, SID, Var) of the avatar_forcing table layout.
       test=runner.evaluator("synthdyad", split="test", num_clips=arg.eval_clips, baselines=True,
-                            batch_size=16, at_end=True),
+                            flame56=True, batch_size=16, at_end=True),
   )
   return config_lib.lock(c)
