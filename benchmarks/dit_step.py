@@ -31,8 +31,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares the GPU
 
@@ -42,17 +40,12 @@ import numpy as np
 from flax import nnx
 
 from avatar_jax.models import dit
+from benchmarks.wav2vec2 import time_fn
 
 
 def median_time(fn, sync, reps: int, warmup: int) -> float:
-  for _ in range(warmup):
-    sync(fn())
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  """Median seconds of one call of fn() after `warmup` calls (benchmarks/wav2vec2.py's timer)."""
+  return time_fn(fn, sync, reps, warmup=warmup)
 
 
 def jax_sync(x):

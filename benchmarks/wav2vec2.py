@@ -48,9 +48,9 @@ def hf_config(c: w2v.Wav2Vec2Config):
       feat_extract_activation=c.feat_act)
 
 
-def time_fn(fn, sync, reps):
-  """Median seconds of one call of fn() after 3 warm-ups."""
-  for _ in range(3):
+def time_fn(fn, sync, reps, warmup=3):
+  """Median seconds of one call of fn() after `warmup` warm-up calls."""
+  for _ in range(warmup):
     sync(fn())
   times = []
   for _ in range(reps):
