@@ -854,7 +854,8 @@ def convert_cli(argv: Sequence[str] | None = None) -> str:
 class System(system_lib.System):
   """The VAE trained by the one trainer on SynthDyad renders (`configs/vae_synthdyad.py`).
 
-  config.model: a `default_config(preset)` plus name="vae" and `loss` (l1, l2, kl weights).
+  config.model: a `default_config(preset)` plus name="vae" and `loss` (l1, l2, kl weights;
+  posterior: "sample" decodes a posterior sample, "mean" the posterior mean).
   Training clips: both participants' windows (batch["video"] and batch["partner_video"], uint8
   [B, T, H, W, 3], T = 1 + 4k), so one batch holds 2B clips. Loss: reconstruction through a
   posterior sample, l1·|x̂ − x| + l2·(x̂ − x)², mean over pixels, + kl·KL(q(z|x) ‖ N(0, I)) per
@@ -886,11 +887,16 @@ class System(system_lib.System):
 
   def loss(self, model: WanVAE, batch, rng, aux=None):
     del aux
+    w = self.cfg.loss
     x = self._pixels(jnp.concatenate([batch["video"], batch["partner_video"]], axis=0))
     mean, logvar = model.encode_moments(x, chunked=False)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    if w.posterior == "sample":
+      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    elif w.posterior == "mean":   # a deterministic autoencoder: no sampling noise in the decoder
+      z = mean
+    else:
+      raise ValueError(f"config.model.loss.posterior: 'sample' or 'mean', got {w.posterior!r}")
     rec = model.decode(z, chunked=False, clamp=False)
-    w = self.cfg.loss
     l1 = jnp.mean(jnp.abs(rec - x))
     l2 = jnp.mean(jnp.square(rec - x))
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
