@@ -135,6 +135,19 @@ def wan_rows(args) -> list[dict]:
   return rows
 
 
+def bm_batch(config, b: int, res: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A random training batch of the video DiT of `config` (pre-encoded layout): b windows of
+  config.data.clip_frames frames at `res` px, i.e. clip_frames/4 latent frames of res/8."""
+  f, lat = config.data.clip_frames // 4, res // 8
+  rng = np.random.default_rng(seed)
+  n_mels = int(config.data.features.n_mels)
+  return {"latent_self": rng.standard_normal((b, f, lat, lat, 16)).astype(np.float32),
+          "reference_latent": rng.standard_normal((b, 1, lat, lat, 16)).astype(np.float32),
+          "mel_self": rng.standard_normal((b, 2 * 4 * f, n_mels)).astype(np.float32),
+          "mel_partner": rng.standard_normal((b, 2 * 4 * f, n_mels)).astype(np.float32),
+          "clip_start": np.zeros((b,), np.int32)}
+
+
 def bm_rows(args) -> list[dict]:
   import importlib.util  # pylint: disable=g-import-not-at-top
 
@@ -154,13 +167,7 @@ def bm_rows(args) -> list[dict]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     b, f = args.bm_batch, config.data.clip_frames // 4
     lat = args.bm_res // 8
-    rng = np.random.default_rng(0)
-    n_mels = int(config.data.features.n_mels)
-    batch = {"latent_self": rng.standard_normal((b, f, lat, lat, 16)).astype(np.float32),
-             "reference_latent": rng.standard_normal((b, 1, lat, lat, 16)).astype(np.float32),
-             "mel_self": rng.standard_normal((b, 2 * 4 * f, n_mels)).astype(np.float32),
-             "mel_partner": rng.standard_normal((b, 2 * 4 * f, n_mels)).astype(np.float32),
-             "clip_start": np.zeros((b,), np.int32)}
+    batch = bm_batch(config, b, args.bm_res)
 
     def loss(p, batch, key, graphdef=graphdef, rest=rest, system=system):
       return system.loss(nnx.merge(graphdef, p, rest), batch, key)[0]

@@ -71,13 +71,20 @@ def _cost(compiled) -> dict:
   return dict(cost or {})
 
 
-def benchmark(config, *, steps: int, warmup: int, peak_tflops: float | None = None) -> dict:
-  """Compiles and times the train step of `config`; returns the measured numbers."""
-  mesh = sharding.make_mesh(dict(config.mesh))
-  s = trainer.setup(config, mesh)
+def benchmark(config, *, steps: int, warmup: int, peak_tflops: float | None = None,
+              devices=None, host_batch=None) -> dict:
+  """Compiles and times the train step of `config`; returns the measured numbers.
+
+  devices: the devices of the mesh (default all); host_batch: the batch to time on (default one
+  real batch of the config's data; a given batch skips the data statistics too).
+  """
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  s = trainer.setup(config, mesh, fit=host_batch is None)
   n_params = s.num_params["trainable"]
-  batch = s.batch(next(pipeline.make(config.data, "train", keys=s.system.data_spec().keys,
-                                     seed=config.seed)))
+  if host_batch is None:
+    host_batch = next(pipeline.make(config.data, "train", keys=s.system.data_spec().keys,
+                                    seed=config.seed))
+  batch = s.batch(host_batch)
   state, jitted = s.state, s.train_step
   impls = attention_implementations(s.model(state), config)
 
