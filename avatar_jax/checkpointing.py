@@ -3,17 +3,22 @@
 Layout under `<workdir>/checkpoints/<step>/`: `state` (sharded arrays), `data` (the iterator's
 position, so a resumed run sees exactly the batches an uninterrupted one would), `config` (JSON).
 Saves are asynchronous; a save only becomes visible once complete, so a process killed mid-save
-resumes from the previous checkpoint.
+resumes from the previous checkpoint. A visible checkpoint that does not read back (a truncated or
+corrupted file, a half-deleted step) is skipped by `restore_latest` with a warning naming the step
+and the error, and renamed to `<step>.damaged` so that the run can write that step again.
 """
 from __future__ import annotations
 
 import json
 import os
 
+from absl import logging
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+DAMAGED_SUFFIX = ".damaged"
 
 
 class Checkpointer:
@@ -55,6 +60,53 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def restore_latest(self, abstract_state, data_iter=None) -> tuple[int, object]:
+    """(step, state) of the newest checkpoint that reads back, as `restore` would give it.
+
+    Newer checkpoints that fail to read while an older one reads are damaged: each is renamed
+    `<step>.damaged` (kept for inspection, ignored from then on) after a warning naming it and
+    the error. If none reads back, nothing is renamed (the cause is likely not the files, e.g. a
+    model of another shape) and the error lists every step's failure.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    failed = []
+    for step in steps:
+      try:
+        state = self.restore(abstract_state, data_iter, step)
+      except Exception as e:  # pylint: disable=broad-except  # any failure to read counts
+        failed.append((step, f"{type(e).__name__}: {error_summary(e)}"))
+        continue
+      for bad, why in failed:
+        logging.warning("Checkpoint %s/%d does not read back (%s); resuming from step %d "
+                        "instead.", self.directory, bad, why, step)
+        self._set_aside(bad)
+      return step, state
+    raise ValueError(f"no checkpoint in {self.directory} reads back, the run cannot resume:\n  "
+                     + "\n  ".join(f"step {s}: {why}" for s, why in failed))
+
+  def saved_config(self) -> ml_collections.ConfigDict | None:
+    """The config of the newest checkpoint whose config reads back; None without checkpoints."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore_config(step)
+      except Exception:  # pylint: disable=broad-except  # damaged: restore_latest reports it
+        continue
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    """Renames a damaged step out of the manager's view (the primary host does it)."""
+    path = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0 and os.path.isdir(path):
+      target = path + DAMAGED_SUFFIX
+      n = 1
+      while os.path.exists(target):
+        target, n = f"{path}{DAMAGED_SUFFIX}{n}", n + 1
+      os.rename(path, target)
+      logging.warning("Moved the damaged checkpoint to %s.", target)
+    self.manager.reload()
+
   def state_metadata(self, step: int):
     """Tree of the saved state's array metadata (shape, dtype) at `step`, reading no arrays."""
     return self.manager.item_metadata(step)["state"]
@@ -79,6 +131,39 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def error_summary(e: BaseException) -> str:
+  """The first line of an error message (Orbax and TensorStore errors run to many lines)."""
+  return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+CONFIG_FREE_KEYS = ("mesh", "evals", "train.progress_bar", "train.log_every", "train.ckpt_every",
+                    "train.max_checkpoints", "data.worker_count", "data.prefetch", "data.cache",
+                    "data.synthdyad.cache")
+"""Config keys (and everything under them) that a resumed run may change freely: where and how
+often it runs and reports, never what it computes (a checkpoint restores onto any mesh)."""
+
+
+def flatten_config(config: ml_collections.ConfigDict) -> dict:
+  """{dotted key: value} of a config, values as its JSON form (tuples become lists)."""
+  def flat(tree, prefix):
+    if not isinstance(tree, dict):
+      return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+  return flat(json.loads(config.to_json_best_effort()), "")
+
+
+def config_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict,
+                       allowed=()) -> dict[str, tuple]:
+  """{dotted key: (saved value, current value)} of the keys that differ between two configs,
+  leaving out CONFIG_FREE_KEYS and the keys (or key prefixes) in `allowed`."""
+  a, b = flatten_config(saved), flatten_config(current)
+  free = tuple(CONFIG_FREE_KEYS) + tuple(allowed)
+  is_free = lambda k: any(k == f or k.startswith(f + ".") for f in free)
+  missing = "<absent>"
+  return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+          if not is_free(k) and a.get(k, missing) != b.get(k, missing)}
 
 
 def abstract_like(tree, shardings):

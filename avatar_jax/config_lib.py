@@ -7,26 +7,39 @@ import ml_collections
 def parse_arg(arg: str | None, **defaults):
   """Parses `"size=S,res=64,flag"` into a ConfigDict over `defaults`, typed like the defaults.
 
-  Unknown names are errors, so a typo on the command line never passes silently.
+  Unknown names, names given twice, values that do not parse as the default's type, and a bare
+  name whose default is not a bool are errors, so a typo on the command line never passes
+  silently.
   """
   out = ml_collections.ConfigDict(defaults)
   if not arg:
     return out
+  seen = set()
   for item in arg.split(","):
     if not item:
       continue
     key, eq, value = item.partition("=")
     if key not in defaults:
       raise KeyError(f"config argument {key!r} is unknown; expected one of {sorted(defaults)}")
+    if key in seen:
+      raise ValueError(f"config argument {key!r} is given twice in {arg!r}")
+    seen.add(key)
     default = defaults[key]
     if not eq:
+      if default is not None and not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...); its default is "
+                         f"{type(default).__name__} {default!r}")
       value = True
     elif isinstance(default, bool):
       if value.lower() not in ("true", "false", "1", "0"):
         raise ValueError(f"config argument {key}={value!r}: expected true/false")
       value = value.lower() in ("true", "1")
     elif default is not None:
-      value = type(default)(value)
+      try:
+        value = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__} "
+                         f"(like the default {default!r})") from None
     out[key] = value
   return out
 

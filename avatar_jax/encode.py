@@ -9,6 +9,8 @@ Library code: avatar_jax/data/encoding.py.
 """
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,6 +27,9 @@ flags.mark_flags_as_required(["config", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):
+    raise app.UsageError(f"--out={_OUT.value} is a file; expected a directory (created if "
+                         "missing, resumed if it holds an earlier encode).")
   from avatar_jax.data import encoding  # pylint: disable=g-import-not-at-top
 
   encoding.encode(_CONFIG.value, _OUT.value, _ENCODER.value, splits=_SPLITS.value,

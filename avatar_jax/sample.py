@@ -40,6 +40,13 @@ def main(argv):
   if _REFERENCE.value and not _SELF.value:
     raise app.UsageError("--reference needs --self-audio and --partner-audio (without them the "
                          "clip's own reference frame is used)")
+  # Inputs are checked before the (slow) model restore, so a wrong path fails at once.
+  from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
+  for flag, path, what in (("--self-audio", _SELF.value, "an audio file"),
+                           ("--partner-audio", _PARTNER.value, "an audio file"),
+                           ("--reference", _REFERENCE.value, "an image file")):
+    if path:
+      media.expect_file(path, f"{what} for {flag}")
   system, model, config, step = trainer.restore_model(_WORKDIR.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "sample.mp4")
   rng = jax.random.key(_SEED.value)

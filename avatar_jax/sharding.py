@@ -38,6 +38,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+  # Named in the errors below: on several hosts a mesh is often sized for the wrong host count.
+  where = (f" ({jax.process_count()} processes x {jax.local_device_count()} local devices)"
+           if devices is None and jax.process_count() > 1 else "")
   devices = list(jax.devices() if devices is None else devices)
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
@@ -45,11 +48,12 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"config.mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}")
+      raise ValueError(f"config.mesh {dict(shape)}: {len(devices)} devices{where} are not "
+                       f"divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"found {len(devices)}")
+                     f"found {len(devices)}{where}")
   # Auto axes: the compiler inserts the collectives that parameter sharding needs (FSDP
   # all-gathers of `embed`-sharded weights, tensor-parallel reductions). Under jax.make_mesh's
   # default Explicit axes, a batch-sharded activation times an fsdp-sharded kernel is a type
@@ -91,6 +95,14 @@ def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def mesh_axis_size(name: str) -> int:
+  """Size of axis `name` of the ambient mesh (`jax.set_mesh`); 1 outside one or without it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or name not in mesh.axis_names:
+    return 1
+  return int(mesh.shape[name])
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

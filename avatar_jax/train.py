@@ -1,7 +1,8 @@
 """Train any system: `python -m avatar_jax.train --config configs/x.py[:args] --workdir DIR`.
 
 Overrides: `--config.train.num_steps=100`; unknown keys are errors. Rerunning the same command
-resumes from the last checkpoint in `--workdir`.
+resumes from the last checkpoint in `--workdir`; resuming with another config is refused unless
+the differing keys are named, e.g. `--allow_config_change=train.num_steps`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:args]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_ALLOW_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [], "Config keys (or prefixes, e.g. train.num_steps,optim) that may "
+    "differ from the config of the checkpoints being resumed; others are refused.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +37,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(QuietLibraries())
   distributed.initialize()
   logging.info("Config:\n%s", _CONFIG.value)
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             allow_config_change=_ALLOW_CHANGE.value)
 
 
 def parse_flags(argv):

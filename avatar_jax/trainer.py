@@ -32,7 +32,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from avatar_jax import checkpointing, sharding, system as system_lib, writers
+from avatar_jax import checkpointing, distributed, sharding, system as system_lib, writers
 from avatar_jax.data import pipeline
 from avatar_jax.evals import runner as evals_runner
 from avatar_jax.models import registry
@@ -40,6 +40,35 @@ from avatar_jax.models import registry
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradients became NaN/Inf; training stopped, checkpoints left intact."""
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir's checkpoints were written by a config that differs in keys that matter."""
+
+
+def check_resumable(ckpt: checkpointing.Checkpointer, config: ml_collections.ConfigDict,
+                    allow_config_change=()) -> None:
+  """Refuses to resume a workdir whose checkpoints were made by another config.
+
+  Keys in checkpointing.CONFIG_FREE_KEYS (mesh, logging and checkpoint cadence, evals, data
+  workers) may always change; others only when named in `allow_config_change` (dotted keys or
+  prefixes, e.g. ("train.num_steps", "optim")), so extending or retuning a run is deliberate.
+  """
+  saved = ckpt.saved_config()
+  if saved is None:
+    return
+  flat = checkpointing.flatten_config(config)
+  for key in allow_config_change:
+    if not any(k == key or k.startswith(key + ".") for k in flat):
+      raise KeyError(f"allow_config_change: {key!r} is not a key of the config; it has "
+                     f"{sorted(flat)[:12]} ...")
+  diff = checkpointing.config_differences(saved, config, allow_config_change)
+  if diff:
+    lines = "\n".join(f"  {k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+    raise ConfigMismatchError(
+        f"{ckpt.directory} was written by another config; differing keys:\n{lines}\nUse a new "
+        f"--workdir, or resume with these changes deliberately: "
+        f"--allow_config_change={','.join(diff)}")
 
 
 # ============================================================================= optimiser
@@ -174,7 +203,10 @@ def fit_stats(system: system_lib.System, config) -> Any:
   # fills its own cache right after).
   data = copy.deepcopy(config.data)
   data.cache, data.synthdyad.cache = False, False
-  it = pipeline.make(data, "train", keys=system.data_spec().keys, seed=config.seed + 1)
+  # Every process reads the same (unsharded) batches: statistics are baked into the state, and
+  # processes fitting them on their own shards would build different "replicated" parameters.
+  it = pipeline.make(data, "train", keys=system.data_spec().keys, seed=config.seed + 1,
+                     shard_index=0, shard_count=1)
   return system.fit_stats([next(it) for _ in range(config.train.stats_batches)])
 
 
@@ -378,20 +410,29 @@ def _get_nested(tree, path):
 
 
 # ============================================================================= main loop
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config.model` on `config.data` in `workdir`, resuming from its last checkpoint."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change=()) -> dict:
+  """Trains `config.model` on `config.data` in `workdir`, resuming from its last checkpoint.
+
+  Resuming needs the config the checkpoints were written with, except for the keys named in
+  `allow_config_change` (see check_resumable); a damaged latest checkpoint falls back to the
+  previous one (Checkpointer.restore_latest).
+  """
   # ------------------------------------------------------------------ mesh + setup
   workdir = os.path.abspath(workdir)
   mesh = sharding.make_mesh(dict(config.mesh))  # Validated before anything is written.
+  distributed.check_same_config(config)
   os.makedirs(workdir, exist_ok=True)
   logging.info("Mesh %s on %d devices (%s).", dict(mesh.shape), mesh.size, jax.default_backend())
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.train.max_checkpoints)
+  resume_step = ckpt.latest_step()
+  if resume_step is not None:   # before anything is written into another run's workdir
+    check_resumable(ckpt, config, allow_config_change)
   facts = pipeline.facts(config.data)
   writer = writers.create(os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0,
                           video_fps=facts["fps"])
   num_steps = int(config.train.num_steps)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=config.train.max_checkpoints)
-  resume_step = ckpt.latest_step()
   # A resumed run restores everything, so it neither fits statistics nor loads init_from.
   # (Built outside the mesh context: NNX would read logical axis names as mesh axes there.)
   fresh = resume_step is None
@@ -407,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mesh, size=2)
     state = s.state
     if not fresh:
-      state = ckpt.restore(state, train_iter)
+      resume_step, state = ckpt.restore_latest(state, train_iter)
       logging.info("Resumed from %s at step %d.", ckpt.directory, resume_step)
     first_step = int(state["step"])
 
@@ -417,23 +458,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pending, last_good, results = [], resume_step, {}
 
     def check_finite():
-      for step, m in pending:
+      for step, m, ids in pending:
         if float(m["nonfinite"]) > 0:
           ckpt.wait()
           kept = (f"the last good checkpoint (step {last_good}) in {ckpt.directory} is intact"
                   if last_good is not None else "no checkpoint had been written yet")
           raise NonFiniteLossError(
               f"loss/gradients became NaN or Inf at step {step} (loss={float(m['loss'])}); "
-              f"training stopped; {kept}. Lower optim.lr or check the data of that step.")
+              f"training stopped; {kept}. Its batch held {_describe_ids(ids)} of "
+              f"config.data.source={config.data.source!r}, split 'train'. Lower optim.lr or "
+              f"check the data of that step.")
 
     t_start = time.monotonic()
     for step in range(first_step + 1, num_steps + 1):
-      state, metrics = s.train_step(state, next(train_iter))
-      pending.append((step, metrics))
+      batch = next(train_iter)
+      state, metrics = s.train_step(state, batch)
+      # Which examples each step saw, to name them if its loss turns out non-finite.
+      pending.append((step, metrics, {k: batch[k] for k in _ID_KEYS if k in batch}))
       progress(step)
       if step % config.train.log_every == 0 or step == num_steps:
         check_finite()
-        summary = {k: float(np.mean([float(m[k]) for _, m in pending])) for k in pending[0][1]}
+        summary = {k: float(np.mean([float(m[k]) for _, m, _ in pending])) for k in pending[0][1]}
         summary.pop("nonfinite")
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
         pending = []
@@ -454,6 +499,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+_ID_KEYS = ("example_index", "clip_start")
+
+
+def _describe_ids(ids: Mapping[str, jax.Array]) -> str:
+  """'examples [3, 7] (window start frames [0, 25])' of a global batch's bookkeeping keys."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  host = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)).tolist()
+          for k, v in ids.items()}
+  if "example_index" not in host:
+    return "examples of unknown index (the batch has no example_index)"
+  starts = f" (window start frames {host['clip_start']})" if "clip_start" in host else ""
+  return f"examples {host['example_index']}{starts}"
+
+
 # ============================================================================= restore
 def restore_model(workdir: str, *, ema: bool = True, mesh_shape: Mapping[str, int] | None = None,
                   step: int | None = None):
@@ -465,16 +524,26 @@ def restore_model(workdir: str, *, ema: bool = True, mesh_shape: Mapping[str, in
   large model's parameters instead).
   """
   ckpt = checkpointing.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"))
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
+  steps = sorted(ckpt.manager.all_steps(), reverse=True) if step is None else [step]
+  if not steps:
     raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first "
                             f"(python -m avatar_jax.train --config ... --workdir {workdir})")
-  config = ckpt.restore_config(step)
   mesh = sharding.make_mesh(dict(mesh_shape or {"data": -1}))
-  s = setup(config, mesh, fit=False, init_from=False, abstract=True)
   weights = "ema" if ema else "params"
-  want = {k: s.state[k] for k in (weights, "frozen", "rest") if jax.tree.leaves(s.state[k])}
-  got = ckpt.restore_partial(want, step)
+  for i, step in enumerate(steps):
+    # The latest checkpoint unless it does not read back; the workdir is left as it is.
+    try:
+      config = ckpt.restore_config(step)
+      s = setup(config, mesh, fit=False, init_from=False, abstract=True)
+      want = {k: s.state[k] for k in (weights, "frozen", "rest") if jax.tree.leaves(s.state[k])}
+      got = ckpt.restore_partial(want, step)
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      if i == len(steps) - 1:
+        raise
+      logging.warning("Checkpoint %s/%d does not read back (%s: %s); trying step %d.",
+                      ckpt.directory, step, type(e).__name__,
+                      checkpointing.error_summary(e), steps[i + 1])
   ckpt.close()
   state = {**s.state, **got}   # what was not restored stays abstract and is not used
   return s.system, model_from_state(s.graphdef, state, ema=ema), config, step

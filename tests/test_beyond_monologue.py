@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from avatar_jax import trainer
-from avatar_jax.data import encoding, pipeline
+from avatar_jax.data import pipeline
 from avatar_jax.evals import motion, runner
 from avatar_jax.models import bm_adapters
+
+import trainer_harness as harness
 
 # One worker runs this module, so its VAE, latents and trained DiT are built once.
 pytestmark = pytest.mark.xdist_group("beyond_monologue")
@@ -28,24 +30,11 @@ def _config(name, arg):
   return mod.get_config(arg)
 
 
-def _small_data(c):
-  c.data.split_sizes.train, c.data.split_sizes.test, c.data.split_sizes.ood = 8, 2, 2
-  c.data.synthdyad.duration_s = 1.6        # 40 frames = 10 latent rows
-  return c
-
-
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
-  """(VAE workdir, latents dir): a tiny VAE after 2 steps, and its encoded SynthDyad at 32 px."""
-  root = tmp_path_factory.mktemp("bm")
-  c = _small_data(_config("vae_synthdyad", "size=tiny,res=32,frames=5,batch=8,steps=2"))
-  c.evals = {}
-  c.train.progress_bar = False
-  vae_dir = str(root / "vae")
-  trainer.train_and_evaluate(c, vae_dir)
-  out = str(root / "latents")
-  encoding.encode(c, out, vae_dir, shard_size=8, batch_size=4, progress=False)
-  return vae_dir, out
+  """(VAE workdir, latents dir): a tiny VAE after 2 steps, and its encoded SynthDyad at 32 px
+  (trainer_harness.video_latents, shared with tests/test_echo.py)."""
+  return harness.video_latents(tmp_path_factory)
 
 
 def _bm_config(latents, arg=""):
@@ -98,7 +87,7 @@ def test_trains_resumes_and_scores_video(latents, trained, tmp_path):
   shutil.copytree(workdir, again)
   c2 = _bm_config(latents, "steps=5")
   c2.evals = {}
-  trainer.train_and_evaluate(c2, again)
+  trainer.train_and_evaluate(c2, again, allow_config_change=("train.num_steps",))
   assert trainer.restore_model(again)[3] == 5
 
 

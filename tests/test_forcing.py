@@ -156,7 +156,7 @@ def test_tiny_trains_resumes_evaluates_then_dpo_stage(tmp_path):
   assert rows["model"]["clips"] == 2 and np.isfinite(rows["model"]["jaw_leak"])
   c.train.num_steps = 4
   c.evals = {}
-  trainer.train_and_evaluate(c, stage1)
+  trainer.train_and_evaluate(c, stage1, allow_config_change=("train.num_steps",))
   assert trainer.restore_model(stage1)[3] == 4
 
   c2 = _config(f"size=tiny,steps=2,batch=8,clip_frames=20,nfe=1,dpo={stage1},beta=50")

@@ -1,23 +1,21 @@
-"""Launch scripts: shell syntax (and shellcheck where installed), usage messages, and a real
-two-process run of launch/local/train.sh on CPU (jax.distributed with a local coordinator)."""
+"""Launch scripts: shell syntax, shellcheck, usage messages, the commands each --dry-run prints,
+and the TPU and SLURM launchers against stand-in tools. (A real two-process run of
+launch/local/train.sh on CPU is in test_multiprocess.py.)"""
 from __future__ import annotations
 
 import json
 import os
-import re
+import pathlib
+import shlex
 import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 
-import jax
-import numpy as np
 import pytest
-from flax import nnx
 
 import trainer_harness as harness
-from avatar_jax import trainer
 
 SCRIPTS = [os.path.join(harness.REPO, "launch", p) for p in
            ("tpu/train.sh", "gpu/train.sbatch", "local/train.sh")]
@@ -36,40 +34,6 @@ def test_script_syntax_and_usage(script):
 def test_shellcheck_clean():
   out = subprocess.run(["shellcheck", *SCRIPTS], capture_output=True, text=True)
   assert out.returncode == 0, out.stdout
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def test_local_two_processes_on_cpu(tmp_path, tmp_path_factory):
-  steps = 4
-  workdir = tmp_path / "mp"
-  env = harness.subprocess_env(harness.cache_dir(tmp_path_factory))
-  # One CPU device per process: 2 processes x 1 device = a 2-device global mesh.
-  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env["XLA_FLAGS"])
-  env.update(JAX_PLATFORMS="cpu", PROCS="2", PORT=str(_free_port()))
-  overrides = {**harness.OVERRIDES, "train.num_steps": steps, "train.ckpt_every": 2}
-  cmd = [os.path.join(harness.REPO, "launch", "local", "train.sh"),
-         f"{harness.QUICKSTART}:{harness.CONFIG_ARG}", str(workdir),
-         *[f"--config.{k}={v}" for k, v in overrides.items()]]
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-  log = out.stdout + out.stderr
-  assert out.returncode == 0, log[-4000:]
-  for i in (0, 1):
-    assert f"[{i}] " in log and f"Process {i} of 2, 1 local / 2 global devices" in log, log[-3000:]
-  # The loss is a global quantity: both processes log the same value at every step.
-  losses = {i: dict(re.findall(rf"^\[{i}\] .*\] \[(\d+)\] .*train/loss=([0-9.eE+-]+)", log, re.M))
-            for i in (0, 1)}
-  assert sorted(map(int, losses[0])) == list(range(1, steps + 1))
-  assert losses[0] == losses[1]
-  # The two-process checkpoint restores in this (8-device) process.
-  _, model, config, step = trainer.restore_model(str(workdir))
-  assert step == steps and config.train.num_steps == steps
-  leaves = jax.tree.leaves(jax.device_get(nnx.state(model)))
-  assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
 # ------------------------------------------------------------------ launchers against fake tools
@@ -155,3 +119,77 @@ def test_slurm_script_runs_one_task_per_node(tmp_path):
   # The #SBATCH header asks for one task per node with all its GPUs.
   header = open(SCRIPTS[1]).read()
   assert "#SBATCH --ntasks-per-node=1" in header and "#SBATCH --gpus-per-node=" in header
+
+
+# ------------------------------------------------------------------ --dry-run
+def _dry_run(tmp_path, script, *args, **env):
+  """The command lines a launcher prints with --dry-run (each split like the shell would),
+  checking that it ran none of them: every tool it could call is a recorder."""
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=tmp_path))
+  tools = _fake_tools(tmp, **{n: _FAKE_RECORDER for n in ("gcloud", "sbatch", "srun", "python",
+                                                          "python3", "git", "env")})
+  base = {k: v for k, v in tools.items() if not k.startswith(("SLURM_", "GPUS", "PROCS"))}
+  out = subprocess.run([script, "--dry-run", *args], env={**base, **env}, capture_output=True,
+                       text=True, timeout=30)
+  assert out.returncode == 0, out.stderr
+  assert not list(tmp.glob("rec.*")), "a dry run ran a command"
+  return [shlex.split(l) for l in out.stdout.splitlines()]
+
+
+def test_tpu_dry_run_create_setup_run_and_delete(tmp_path):
+  lines = _dry_run(tmp_path, SCRIPTS[0], "--create=v5p-128", "my-tpu", "us-east5-a",
+                   "configs/quickstart.py:steps=5", "/mnt/runs/a b", "--config.mesh.fsdp=64",
+                   PROJECT="proj", SPOT="1")
+  vm = ["gcloud", "compute", "tpus", "tpu-vm"]
+  target = ["--zone=us-east5-a", "--project=proj"]
+  create, archive, scp, setup, train = lines
+  assert create == [*vm, "create", "my-tpu", *target, "--accelerator-type=v5p-128",
+                    "--version=v2-alpha-tpuv5", "--spot"]
+  assert archive[:3] == ["git", "-C", harness.REPO] and archive[3:6] == [
+      "archive", "--format=tar.gz", "-o"] and archive[-1] == "HEAD"
+  assert scp == [*vm, "scp", archive[6], "my-tpu:avatar_jax.tar.gz", *target, "--worker=all"]
+  for ssh in (setup, train):
+    assert ssh[:9] == [*vm, "ssh", "my-tpu", *target, "--worker=all"] and len(ssh) == 10
+  assert "pip install -q -e './avatar_jax[tpu]'" in setup[9]
+  remote = train[9].removeprefix("--command=")
+  assert remote.startswith("(cd './avatar_jax' && exec nohup python3 -m avatar_jax.train ")
+  # The remote shell sees the training arguments exactly once quoted.
+  inner = remote.split("python3 -m avatar_jax.train", 1)[1].split(")", 1)[0]
+  assert shlex.split(inner) == ["--config=configs/quickstart.py:steps=5",
+                                "--workdir=/mnt/runs/a b", "--config.mesh.fsdp=64"]
+  # Existing VM, code already there: only the training command.
+  (only,) = _dry_run(tmp_path, SCRIPTS[0], "my-tpu", "us-east5-a", "c.py", "/w", SETUP="0")
+  assert only[4] == "ssh" and "avatar_jax.train --config=c.py --workdir=/w" in only[-1]
+  (delete,) = _dry_run(tmp_path, SCRIPTS[0], "--delete", "my-tpu", "us-east5-a")
+  assert delete == [*vm, "delete", "my-tpu", "--zone=us-east5-a", "--quiet"]
+
+
+def test_slurm_dry_run_submits_then_runs_one_task_per_node(tmp_path):
+  submit, in_job = _dry_run(tmp_path, SCRIPTS[1], "configs/quickstart.py", "/shared/run a",
+                            "--config.mesh.fsdp=8", SBATCH_ARGS="--nodes=4 -p gpu")
+  assert submit == ["sbatch", "--nodes=4", "-p", "gpu", SCRIPTS[1], "configs/quickstart.py",
+                    "/shared/run a", "--config.mesh.fsdp=8"]
+  srun = ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", "python", "-m",
+          "avatar_jax.train", "--config=configs/quickstart.py", "--workdir=/shared/run a",
+          "--config.mesh.fsdp=8"]
+  assert in_job == ["#", "then,", "in", "the", "job:", *srun]
+  # Inside the job (what sbatch runs): the srun line.
+  lines = _dry_run(tmp_path, SCRIPTS[1], "configs/quickstart.py", "/shared/run a",
+                   "--config.mesh.fsdp=8", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=harness.REPO)
+  assert lines[0][:2] == ["job", "7:"] and lines[1] == srun
+
+
+def test_local_dry_run_one_and_several_processes(tmp_path):
+  (one,) = _dry_run(tmp_path, SCRIPTS[2], "configs/quickstart.py", "runs/qs",
+                    "--config.mesh.fsdp=2", GPUS="0,1")
+  assert one == ["env", "CUDA_VISIBLE_DEVICES=0,1", "python", "-m", "avatar_jax.train",
+                 "--config=configs/quickstart.py", "--workdir=runs/qs", "--config.mesh.fsdp=2"]
+  procs = _dry_run(tmp_path, SCRIPTS[2], "configs/quickstart.py", "runs/mp", GPUS="0,1,2,3",
+                   PROCS="2", PORT="4000")
+  assert procs == [["env", f"CUDA_VISIBLE_DEVICES={gpus}", "AVATAR_COORDINATOR=localhost:4000",
+                    "AVATAR_NUM_PROCESSES=2", f"AVATAR_PROCESS_ID={i}", "python", "-m",
+                    "avatar_jax.train", "--config=configs/quickstart.py", "--workdir=runs/mp"]
+                   for i, gpus in enumerate(("0,2", "1,3"))]
+  out = subprocess.run([SCRIPTS[2], "--dry-run", "c.py", "w"], capture_output=True, text=True,
+                       env={**os.environ, "GPUS": "0,1,2", "PROCS": "2"})
+  assert out.returncode == 2 and "PROCS=2 does not divide the 3 GPUs" in out.stderr

@@ -23,12 +23,11 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
-from avatar_jax import serve, stream, trainer
+from avatar_jax import serve, stream
 from avatar_jax.data import media
 
 sys.path.insert(0, os.path.dirname(__file__))
 import trainer_harness as harness  # noqa: E402  pylint: disable=g-import-not-at-top
-from test_forcing import _config  # noqa: E402  pylint: disable=g-import-not-at-top
 from test_stream import _voices  # noqa: E402  pylint: disable=g-import-not-at-top
 
 CHROMIUM = next(filter(None, map(shutil.which, (os.environ.get("CHROMIUM", "chromium"),
@@ -122,14 +121,8 @@ def _start_chromium(url, profile, microphone_wav):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """The tiny streaming workdir of tests/test_stream.py (2 steps: the weights only need to exist)."""
-  c = _config("size=tiny,steps=2,batch=8,clip_frames=40,nfe=1")
-  c.data.split_sizes.train, c.data.split_sizes.test = 16, 2
-  c.evals = {}
-  c.train.progress_bar, c.train.stats_batches = False, 1
-  path = str(tmp_path_factory.mktemp("serve") / "run")
-  trainer.train_and_evaluate(c, path)
-  return path
+  """The tiny streaming workdir shared with tests/test_stream.py (trainer_harness)."""
+  return harness.streaming_workdir(tmp_path_factory)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install "

@@ -84,15 +84,10 @@ def test_an_hour_scaled_down_runs_in_constant_memory():
   assert max(len(x) for x in agent.audio.values()) < 16000 * 2.5   # ~history + window of audio
 
 
-def test_stream_command_replays_wavs(tmp_path):
-  from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
+def test_stream_command_replays_wavs(tmp_path, tmp_path_factory):
+  import trainer_harness  # pylint: disable=g-import-not-at-top
   from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
-  c = _config("size=tiny,steps=2,batch=8,clip_frames=40,nfe=1")
-  c.data.split_sizes.train, c.data.split_sizes.test = 16, 2
-  c.evals = {}
-  c.train.progress_bar, c.train.stats_batches = False, 1
-  workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(c, workdir)
+  workdir = trainer_harness.streaming_workdir(tmp_path_factory)
   a, b = _voices(1.6)
   media.write_wav(tmp_path / "a.wav", a)
   media.write_wav(tmp_path / "b.wav", b)

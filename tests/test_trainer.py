@@ -203,6 +203,8 @@ def poisoned(batch, mesh, *args, **kwargs):
   calls[0] += 1
   if calls[0] == {step}:
     batch = dict(batch, motion_self=np.full_like(batch["motion_self"], np.nan))
+    print("POISONED", batch["example_index"].tolist(), batch["clip_start"].tolist(),
+          file=sys.stderr, flush=True)
   return original(batch, mesh, *args, **kwargs)
 pipeline.to_global = poisoned
 sys.argv[0] = "train"
@@ -221,6 +223,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path_factory, t
   assert f"NaN or Inf at step {poison_step}" in out.stderr
   last_good = harness.CKPT_EVERY * 2
   assert f"last good checkpoint (step {last_good})" in out.stderr
+  # The error names the examples of the poisoned batch (and their window starts).
+  ids, starts = out.stderr.split("POISONED ")[1].split("\n")[0].split("] [")
+  assert f"examples {ids}] (window start frames [{starts})" in out.stderr, out.stderr[-3000:]
   assert _finished_checkpoints(workdir) == [harness.CKPT_EVERY, last_good]
 
   # The last good checkpoint restores and is finite; up to the poisoned step the run followed

@@ -116,6 +116,66 @@ def trained_workdir(tmp_path_factory) -> str:
   return str(workdir)
 
 
+def load_config(name: str, arg: str = ""):
+  """configs/<name>.py's `get_config(arg)`."""
+  spec = importlib.util.spec_from_file_location(f"{name}_config",
+                                                os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def video_latents(tmp_path_factory) -> tuple[str, str]:
+  """(VAE workdir, latents dir) for the video DiT tests (Beyond Monologue, ECHO): a tiny VAE
+  trained 2 steps and SynthDyad encoded by it (8 train, 2 test, 2 ood clips of 1.6 s = 40
+  frames = 10 latent rows, at 32 px). Built once per session, shared across xdist workers."""
+  from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
+  from avatar_jax.data import encoding  # pylint: disable=g-import-not-at-top
+  root = _session_root(tmp_path_factory)
+  vae_dir, out, done = root / "video_vae", root / "video_latents", root / "video_latents.done"
+  with open(root / "video_latents.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        for d in (vae_dir, out):
+          if d.exists():
+            shutil.rmtree(d)   # a previous attempt that failed half-way
+        c = load_config("vae_synthdyad", "size=tiny,res=32,frames=5,batch=8,steps=2")
+        c.data.split_sizes.train, c.data.split_sizes.test, c.data.split_sizes.ood = 8, 2, 2
+        c.data.synthdyad.duration_s = 1.6
+        c.evals = {}
+        c.train.progress_bar = False
+        trainer.train_and_evaluate(c, str(vae_dir))
+        encoding.encode(c, str(out), str(vae_dir), shard_size=8, batch_size=4, progress=False)
+        done.touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return str(vae_dir), str(out)
+
+
+def streaming_workdir(tmp_path_factory) -> str:
+  """A tiny Avatar Forcing workdir trained 2 steps (the weights only need to exist), for the
+  streaming and web-demo tests. Built once per session, shared across xdist workers."""
+  from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
+  root = _session_root(tmp_path_factory)
+  workdir, done = root / "streaming", root / "streaming.done"
+  with open(root / "streaming.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        if workdir.exists():
+          shutil.rmtree(workdir)   # a previous attempt that failed half-way
+        c = load_config("forcing", "size=tiny,steps=2,batch=8,clip_frames=40,nfe=1")
+        c.data.split_sizes.train, c.data.split_sizes.test = 16, 2
+        c.evals = {}
+        c.train.progress_bar, c.train.stats_batches = False, 1
+        trainer.train_and_evaluate(c, str(workdir))
+        done.touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return str(workdir)
+
+
 # --------------------------------------------------------------------------- TensorBoard events
 def _records(path: str):
   """Payloads of a TFRecord file (the container of TensorBoard event files)."""

@@ -37,13 +37,20 @@ _ALIGN = 64
 
 
 # ======================================================================================= records
-def pack(arrays: Mapping[str, Any]) -> bytes:
-  """{key: array} -> one record (see the module docstring)."""
+def pack(arrays: Mapping[str, Any], where: str = "record") -> bytes:
+  """{key: array} -> one record (see the module docstring); `where` names it in errors.
+
+  Non-finite floats are refused: a NaN stored here would reach training as a NaN loss.
+  """
   header, parts, offset = {}, [], 0
   for k, v in arrays.items():
     v = np.asarray(v)  # (tobytes() is C order whatever the layout)
     if v.dtype == object:
-      raise TypeError(f"Record key {k!r} has dtype object; only numeric arrays can be stored.")
+      raise TypeError(f"{where}: key {k!r} has dtype object; only numeric arrays can be stored.")
+    if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v)):
+      bad = np.argwhere(~np.isfinite(v))[0].tolist()
+      raise ValueError(f"{where}: key {k!r} has {int(np.sum(~np.isfinite(v)))} non-finite "
+                       f"values (first at index {bad}); expected finite numbers.")
     offset = -(-offset // _ALIGN) * _ALIGN
     header[k] = [v.dtype.str, list(v.shape), offset]
     parts.append((offset, v.tobytes()))
@@ -87,11 +94,28 @@ def read_metadata(root: str) -> dict[str, Any]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: config.data.arrays.dir must be a directory "
                             "written by `python -m avatar_jax.encode --out DIR`.")
-  with open(path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
+  meta = _read_json(path, "the metadata written by `python -m avatar_jax.encode`")
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                     f"expected {FORMAT!r}.")
+  for key in ("fps", "sample_rate", "keys", "splits"):
+    if key not in meta:
+      raise ValueError(f"{path}: has no {key!r}; expected the fields {_FIELDS}.")
   return meta
+
+
+_FIELDS = ("format", "encoder", "fps", "sample_rate", "features", "keys", "data", "splits")
+
+
+def _read_json(path: str, what: str):
+  from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
+  media.expect_file(path, what)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {e}); expected {what}; a "
+                     "truncated or damaged file?") from e
 
 
 def write_json(path: str, obj) -> None:
@@ -116,9 +140,15 @@ def split_shards(root: str, meta: Mapping[str, Any], split: str) -> tuple[list[s
     if not os.path.exists(mp):
       raise FileNotFoundError(f"{mp} is missing: split {split!r} of {root} is not completely "
                               "encoded; rerun the encode command to finish it.")
-    with open(mp) as f:
-      frames += json.load(f)["num_frames"]
-    paths.append(shard_path(root, split, s))
+    marker = _read_json(mp, "a shard marker {\"num_frames\": [...]}")
+    if not isinstance(marker, dict) or not isinstance(marker.get("num_frames"), list):
+      raise ValueError(f"{mp}: expected {{\"num_frames\": [...]}}, found {str(marker)[:100]}.")
+    frames += marker["num_frames"]
+    path = shard_path(root, split, s)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} is missing but its marker {mp} exists: re-encode split "
+                              f"{split!r} of {root} into a new --out.")
+    paths.append(path)
   if len(frames) != n:
     raise ValueError(f"{root}/{split}: shards hold {len(frames)} examples, {where} says {n}.")
   return paths, frames
@@ -195,8 +225,15 @@ class ArraysSource:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"{self!r}: index {index} out of range [0, {len(self)}).")
-    return unpack(self._open()[index], None if keys is None else set(keys) | {
-        "identity_self", "identity_partner"})
+    try:
+      record = self._open()[index]
+      return unpack(record, None if keys is None else set(keys) | {
+          "identity_self", "identity_partner"})
+    except Exception as e:  # pylint: disable=broad-except  # a cut-off or overwritten shard
+      shard = self.paths[index // int(self.meta["splits"][self.split]["shard_size"])]
+      raise ValueError(f"{self!r}: example {index} does not read back ({type(e).__name__}: "
+                       f"{e}) from {shard}; the shard is damaged: re-encode into a new "
+                       "--out.") from e
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return self.fetch(index)

@@ -228,7 +228,7 @@ def encode(config: ml_collections.ConfigDict, out: str, encoder: str = "mel",
           record["num_frames"] = np.int32(nf)
           record["identity_self"] = batch["identity_self"][j]
           record["identity_partner"] = batch["identity_partner"][j]
-          writer.write(arrays.pack(record))
+          writer.write(arrays.pack(record, where))
           frames.append(nf)
         if bar is not None:
           bar.update(len(indices))

@@ -3,6 +3,11 @@
 Audio in the project is float32 in [-1, 1], mono `[S]` unless stated (`[S, C]` for multi-channel
 writes). Video frames are uint8 `[T, H, W, 3]` RGB. mp4 files are written with PyAV (which bundles
 ffmpeg): H.264 (libx264, yuv420p) video, AAC audio.
+
+Readers never return a silently wrong sample: a missing path, a folder, an empty, truncated or
+undecodable file, audio with no samples, non-finite samples, more than two channels or a rate
+below MIN_SAMPLE_RATE are each a `ValueError` (`FileNotFoundError` when missing) naming the file
+and what was expected. File names that are not valid UTF-8 are shown with escapes.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import fractions
 import os
 import struct
+import warnings
 import zlib
 
 from absl import logging
@@ -19,6 +25,38 @@ import scipy.io.wavfile
 from avatar_jax.data import features
 
 _WAV_EXTENSIONS = (".wav", ".wave")
+# Below this, a "sample rate" is a damaged header rather than audio: speech needs >= 4 kHz.
+MIN_SAMPLE_RATE = 4000
+
+
+def display_path(path) -> str:
+  """`path` as printable text: bytes decoded, undecodable (non-UTF-8) bytes as escapes."""
+  return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def expect_file(path, what: str = "a file") -> None:
+  """Raises unless `path` is an existing, non-empty file: FileNotFoundError, else ValueError."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{display_path(path)} does not exist; expected {what}.")
+  if os.path.isdir(path):
+    raise ValueError(f"{display_path(path)} is a folder; expected {what}.")
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{display_path(path)} is empty (0 bytes); expected {what}.")
+
+
+def _check_audio(audio: np.ndarray, sr: int, path) -> tuple[np.ndarray, int]:
+  name = display_path(path)
+  if sr < MIN_SAMPLE_RATE:
+    raise ValueError(f"{name}: sample rate {sr} Hz; expected audio at >= {MIN_SAMPLE_RATE} Hz "
+                     "(typically 16000, 44100 or 48000).")
+  if audio.size == 0:
+    raise ValueError(f"{name}: has no audio samples; expected at least one.")
+  bad = ~np.isfinite(audio)
+  if bad.any():
+    raise ValueError(f"{name}: {int(bad.sum())} non-finite (NaN/Inf) samples, the first at "
+                     f"sample {int(np.argmax(bad.reshape(len(audio), -1).any(axis=1)))}; "
+                     "expected finite audio.")
+  return audio, sr
 
 
 # ========================================================================================= audio
@@ -32,7 +70,7 @@ def _to_float(audio: np.ndarray, path) -> np.ndarray:
     return (audio.astype(np.float64) / 2147483648.0).astype(np.float32)
   if np.issubdtype(audio.dtype, np.floating):
     return audio.astype(np.float32)
-  raise ValueError(f"{path}: unsupported WAV sample type {audio.dtype}.")
+  raise ValueError(f"{display_path(path)}: unsupported WAV sample type {audio.dtype}.")
 
 
 def _to_mono(audio: np.ndarray, path) -> np.ndarray:
@@ -42,51 +80,72 @@ def _to_mono(audio: np.ndarray, path) -> np.ndarray:
   if audio.ndim == 2 and audio.shape[1] in (1, 2):
     return audio.mean(axis=1, dtype=np.float32)
   raise ValueError(
-      f"{path}: expected mono or stereo audio, found shape {audio.shape} "
+      f"{display_path(path)}: expected mono or stereo audio, found shape {audio.shape} "
       "(samples, channels); downmix it explicitly first."
   )
 
 
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
   """Reads a WAV file as `(float32 [S] mono in [-1, 1], sample_rate)`; stereo is averaged."""
+  expect_file(path, "a WAV file")
+  name = display_path(path)
   try:
-    sr, audio = scipy.io.wavfile.read(os.fspath(path))
-  except FileNotFoundError:
-    raise
+    with warnings.catch_warnings():
+      # scipy only warns when the data chunk ends before its declared size (a cut-off file).
+      warnings.simplefilter("error", scipy.io.wavfile.WavFileWarning)
+      sr, audio = scipy.io.wavfile.read(os.fspath(path))
+  except scipy.io.wavfile.WavFileWarning as e:
+    raise ValueError(f"{name}: truncated WAV file ({e}); expected the samples its header "
+                     "declares.") from e
   except Exception as e:  # scipy raises ValueError / struct.error etc. for damaged files
-    raise ValueError(f"{path}: not a readable WAV file ({type(e).__name__}: {e}).") from e
-  return _to_mono(_to_float(np.asarray(audio), path), path), int(sr)
+    raise ValueError(f"{name}: not a readable WAV file ({type(e).__name__}: {e}).") from e
+  audio = _to_mono(_to_float(np.asarray(audio), path), path)
+  return _check_audio(audio, int(sr), path)
 
 
 def _read_av_audio(path) -> tuple[np.ndarray, int]:
   import av  # pylint: disable=g-import-not-at-top
 
+  expect_file(path, "an audio or video file with an audio stream")
+  name = display_path(path)
   try:
     container = av.open(os.fspath(path))
-  except FileNotFoundError:
-    raise
   except Exception as e:
-    raise ValueError(f"{path}: not a readable media file ({type(e).__name__}: {e}).") from e
+    raise ValueError(f"{name}: not a readable media file ({type(e).__name__}: {e}).") from e
   with container:
+    if not container.streams:
+      raise ValueError(f"{name}: no streams found (a truncated or damaged file?); expected an "
+                       "audio stream.")
     if not container.streams.audio:
-      raise ValueError(f"{path}: has no audio stream.")
+      kinds = sorted({st.type for st in container.streams})
+      raise ValueError(f"{name}: has no audio stream (found {kinds}); expected one (is it a "
+                       "video without sound, or a file cut short?).")
     stream = container.streams.audio[0]
-    channels = stream.codec_context.channels
+    try:
+      channels, layout, rate = stream.codec_context.channels, stream.layout.name, stream.rate
+    except AttributeError as e:   # a stream whose codec parameters were cut off
+      raise ValueError(f"{name}: the audio stream has no codec parameters ({e}); a truncated or "
+                       "damaged file?") from e
     if channels not in (1, 2):
-      raise ValueError(f"{path}: expected a mono or stereo audio stream, found {channels} channels.")
+      raise ValueError(f"{name}: expected a mono or stereo audio stream, found {channels} "
+                       "channels.")
     # Decode straight to interleaved-free float planes so every codec gives the same layout.
-    resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.rate)
     chunks = []
-    for frame in container.decode(stream):
-      for out in resampler.resample(frame):
-        chunks.append(out.to_ndarray())  # [C, n]
-    for out in resampler.resample(None):
-      chunks.append(out.to_ndarray())
+    try:
+      resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+      for frame in container.decode(stream):
+        for out in resampler.resample(frame):
+          chunks.append(out.to_ndarray())  # [C, n]
+      for out in resampler.resample(None):
+        chunks.append(out.to_ndarray())
+    except av.error.FFmpegError as e:
+      raise ValueError(f"{name}: audio stream fails to decode ({type(e).__name__}: {e}); a "
+                       "truncated or damaged file?") from e
     sr = int(stream.rate)
   if not chunks:
-    return np.zeros(0, np.float32), sr
+    return _check_audio(np.zeros(0, np.float32), sr, path)
   audio = np.concatenate(chunks, axis=1).T  # [S, C]
-  return _to_mono(audio.astype(np.float32), path), sr
+  return _check_audio(_to_mono(audio.astype(np.float32), path), sr, path)
 
 
 def read_audio(path: str | os.PathLike, target_sr: int | None = 16000) -> np.ndarray:
@@ -103,9 +162,8 @@ def read_audio(path: str | os.PathLike, target_sr: int | None = 16000) -> np.nda
 
 def read_audio_with_rate(path: str | os.PathLike) -> tuple[np.ndarray, int]:
   """Like `read_audio` without resampling: `(float32 [S] mono, sample_rate)`."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Audio file not found: {path}")
-  if os.fspath(path).lower().endswith(_WAV_EXTENSIONS):
+  expect_file(path, "an audio file")
+  if os.fsdecode(path).lower().endswith(_WAV_EXTENSIONS):
     return read_wav(path)
   return _read_av_audio(path)
 
@@ -228,13 +286,15 @@ def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
   """An image file (PNG, JPEG, ... anything ffmpeg decodes) as uint8 RGB [H, W, 3]; with `size`,
   centre-cropped to a square and resized to size × size (a face crop for the avatar)."""
   import av  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"read_image: {path} does not exist")
+  expect_file(path, "an image file (PNG, JPEG, ...)")
   try:
-    with av.open(str(path)) as container:
+    with av.open(os.fspath(path)) as container:
+      if not container.streams.video:
+        raise ValueError("it has no picture")
       frame = next(container.decode(video=0))
-  except (av.error.FFmpegError, StopIteration) as e:
-    raise ValueError(f"read_image: {path} is not an image ffmpeg can decode: {e}") from e
+  except (av.error.FFmpegError, StopIteration, ValueError) as e:
+    raise ValueError(f"read_image: {display_path(path)} is not an image ffmpeg can decode: "
+                     f"{e}") from e
   if size is not None:
     side = min(frame.width, frame.height)
     image = frame.to_ndarray(format="rgb24")

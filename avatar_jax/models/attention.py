@@ -180,6 +180,12 @@ class TimeAttention(nnx.Module):
                 lookahead_blocks=self.lookahead_blocks,
                 window=self.window if self.mode == "frame" else self.history)
 
+  def _kernel_on_mesh(self, b: int, nq: int, nk: int) -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+      return False
+    return self.implementation_for(b, nq, nk).startswith("pallas")
+
   def implementation_for(self, batch: int, nq: int, nk: int) -> str:
     """The backend `implementation="auto"` resolves to for these shapes (for benchmarks)."""
     dtype = self.dtype or jnp.float32
@@ -220,8 +226,10 @@ class TimeAttention(nnx.Module):
                                      kv_segment_ids=cache.seg, **kw)
       return self.o(out.reshape(b, nq, h * hd)), cache
     n_ctx = _context_size()
-    if n_ctx > 1 and nq % n_ctx == 0 and nk % n_ctx == 0:
-      # Sequence parallel: queries and keys stay split along time over `context`.
+    if (n_ctx > 1 and nq % n_ctx == 0 and nk % n_ctx == 0) or self._kernel_on_mesh(b, nq, nk):
+      # Sequence parallel: queries and keys stay split along time over `context`. A Pallas
+      # kernel is one opaque call the compiler cannot split, so on a mesh it runs per device
+      # under shard_map too (batch and heads split, no communication).
       out = gattn_sharded.sharded_gaussian_attention(
           q, k, v, t_q, t_k, self.sigma(), q_segment_ids=q_segment_ids,
           kv_segment_ids=kv_segment_ids, **kw)

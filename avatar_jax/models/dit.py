@@ -62,6 +62,7 @@ from absl import logging
 from flax import nnx
 
 from avatar_jax import sharding
+from avatar_jax.kernels.gaussian_attention import sharded as gattn_sharded
 from avatar_jax.models import layers, weights
 from avatar_jax.models import vae
 from avatar_jax.models.attention import apply_rope
@@ -199,7 +200,16 @@ class Attention(nnx.Module):
     if pos is not None:
       q = apply_rope(q, pos, "3d", self.rope_theta)
       k = apply_rope(k, pos, "3d", self.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+    n_ctx = sharding.mesh_axis_size("context")
+    if ctx is x and n_ctx > 1 and n % n_ctx == 0:
+      # Long videos: the tokens stay split over `context` and keys/values travel the ring
+      # (the Gaussian attention without its bias, σ = inf), so no device holds all N keys or
+      # an [N, N] score block: per-device memory falls with the context size.
+      times = jnp.zeros((b, n), jnp.float32)
+      out = gattn_sharded.sharded_gaussian_attention(
+          q, k, v, times, times, jnp.full((self.num_heads,), jnp.inf, jnp.float32))
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
     out = sharding.constrain(out.reshape(b, n, d), ("batch", "time", "heads"))
     return self.to_out(out)
 

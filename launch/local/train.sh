@@ -2,8 +2,9 @@
 # Train on one machine with several GPUs (or CPU).
 #
 # Usage (from anywhere, with avatar_jax installed: pip install -e '.[cuda]'):
-#   launch/local/train.sh CONFIG WORKDIR [--config.key=value ...]
+#   launch/local/train.sh [--dry-run] CONFIG WORKDIR [--config.key=value ...]
 #
+#   --dry-run  print the command of each process (with its environment) instead of running it
 #   CONFIG   config file (and arguments), e.g. configs/quickstart.py:steps=3000,width=128
 #   WORKDIR  checkpoints, logs and samples; rerunning the same command resumes from it
 #   extra arguments are passed to `python -m avatar_jax.train` (config overrides).
@@ -22,12 +23,24 @@
 #   PROCS=2 launch/local/train.sh configs/quickstart.py:steps=50 runs/mp
 set -euo pipefail
 
+DRY_RUN=0
+if [[ "${1:-}" == --dry-run ]]; then
+  DRY_RUN=1
+  shift
+fi
 if [[ $# -lt 2 ]]; then
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   exit 2
 fi
 CONFIG=$1 WORKDIR=$2
 shift 2
+
+# Prints a command as one shell-quoted line.
+show() {
+  local line
+  printf -v line '%q ' "$@"
+  echo "${line% }"
+}
 
 REPO_ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "${REPO_ROOT}"
@@ -38,6 +51,14 @@ TRAIN=(python -m avatar_jax.train --config="${CONFIG}" --workdir="${WORKDIR}" "$
 PROCS=${PROCS:-1}
 
 if [[ "${PROCS}" == 1 ]]; then
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    if [[ -n "${GPUS:-}" ]]; then
+      show env CUDA_VISIBLE_DEVICES="${GPUS}" "${TRAIN[@]}"
+    else
+      show "${TRAIN[@]}"
+    fi
+    exit 0
+  fi
   exec "${TRAIN[@]}"
 fi
 
@@ -53,9 +74,11 @@ if (( ${#devices[@]} > 0 && ${#devices[@]} % PROCS != 0 )); then
   echo "PROCS=${PROCS} does not divide the ${#devices[@]} GPUs (${devices[*]})" >&2
   exit 2
 fi
-export AVATAR_COORDINATOR="localhost:${PORT:-12355}" AVATAR_NUM_PROCESSES="${PROCS}"
+coordinator="localhost:${PORT:-12355}"
 pids=()
-trap 'kill "${pids[@]}" 2> /dev/null || true' EXIT INT TERM
+if [[ "${DRY_RUN}" == 0 ]]; then
+  trap 'kill "${pids[@]}" 2> /dev/null || true' EXIT INT TERM
+fi
 for ((i = 0; i < PROCS; i++)); do
   if (( ${#devices[@]} > 0 )); then
     mine=()
@@ -64,9 +87,18 @@ for ((i = 0; i < PROCS; i++)); do
   else
     visible=""
   fi
-  CUDA_VISIBLE_DEVICES=${visible} AVATAR_PROCESS_ID=${i} "${TRAIN[@]}" > >(sed -u "s/^/[${i}] /") 2>&1 &
+  proc=(env CUDA_VISIBLE_DEVICES="${visible}" AVATAR_COORDINATOR="${coordinator}"
+        AVATAR_NUM_PROCESSES="${PROCS}" AVATAR_PROCESS_ID="${i}" "${TRAIN[@]}")
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    show "${proc[@]}"
+    continue
+  fi
+  "${proc[@]}" > >(sed -u "s/^/[${i}] /") 2>&1 &
   pids+=($!)
 done
+if [[ "${DRY_RUN}" == 1 ]]; then
+  exit 0
+fi
 status=0
 for pid in "${pids[@]}"; do
   wait "${pid}" || status=$?

@@ -24,6 +24,8 @@ from avatar_jax.data import builders
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Output root (default: TFDS default).")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Source folder (dualtalk).")
 _CONFIG_NAME = flags.DEFINE_string("config_name", "custom", "Name of a custom SynthDyad config.")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "dualtalk: leave out (with a warning, counted "
+                              "per split) conversations that fail a check, instead of stopping.")
 _OVERRIDES = {
     "train_size": flags.DEFINE_integer("train_size", None, "SynthDyad train samples."),
     "test_size": flags.DEFINE_integer("test_size", None, "SynthDyad test samples."),
@@ -54,9 +56,10 @@ def make_builder(name: str, *, data_dir: str | None = None, **overrides) -> tfds
       return builders.SynthDyad(config=cfg, data_dir=data_dir, file_format="array_record")
     return builders.SynthDyad(config=config, data_dir=data_dir, file_format="array_record")
   if ds_name == "dualtalk":
+    skip_bad = overrides.pop("skip_bad", False)
     if overrides:
       raise ValueError(f"dualtalk takes no config overrides, got {sorted(overrides)}.")
-    return builders.DualTalk(data_dir=data_dir, file_format="array_record")
+    return builders.DualTalk(data_dir=data_dir, file_format="array_record", skip_bad=skip_bad)
   raise ValueError(f"Unknown dataset {name!r}; expected 'synthdyad[/config]' or 'dualtalk'.")
 
 
@@ -84,6 +87,8 @@ def main(argv):
   overrides = {k: f.value for k, f in _OVERRIDES.items() if f.value is not None}
   if overrides:
     overrides["config_name"] = _CONFIG_NAME.value
+  if _SKIP_BAD.value:
+    overrides["skip_bad"] = True
   build(argv[1], data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value, **overrides)
 
 

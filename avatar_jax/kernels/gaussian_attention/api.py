@@ -81,6 +81,14 @@ def _is_hopper() -> bool:
   return cc is not None and str(cc).split(".")[0] == "9"
 
 
+def target_platform() -> str:
+  """The platform the current program is built for: that of the ambient mesh's devices
+  (`jax.set_mesh`), else the default backend. They differ when a CPU host compiles for a TPU
+  topology (python -m avatar_jax.compile)."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_implementation(implementation: str, b: int, h: int, nq: int, nk: int,
                            d: int | None = None, dtype=None) -> str:
   """'auto' → a concrete implementation name, by default backend, problem size and dtype.
@@ -91,7 +99,7 @@ def resolve_implementation(implementation: str, b: int, h: int, nq: int, nk: int
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if implementation != "auto":
     return implementation
-  platform = jax.default_backend()
+  platform = target_platform()
   if platform == "tpu":
     return "pallas_tpu"
   if platform == "gpu" and _is_hopper() and _gpu_kernel_fits(d, dtype) and _gpu_module_available():

@@ -80,14 +80,17 @@ class BeyondMonologue(nnx.Module):
         cfg.adapters.to_dict(), fps=self.fps, stride=self.stride,
         audio_rate=float(facts["mel_rate"]), audio_dim=audio_lib.feature_dim(acfg, facts)))
     dcfg = cfg.dit
-    self.dit = dit_lib.DiT(dcfg, rngs=rngs,
-                           make_extra=bm.make_extra(self.adapters, dcfg, rngs=rngs))
+    self.dit = dit_lib.DiT(dcfg, rngs=rngs, make_extra=self.make_extra(dcfg, rngs))
     self.qf = bm.QFormers(self.adapters, dcfg, rngs=rngs)
     dq = self.adapters.dim or dit_lib.width(dcfg)
     init = nnx.initializers.normal(0.02)
     self.null = nnx.Dict({s: nnx.Param(init(rngs.params(), (dq,)), sharding=("embed",),
                                        eager_sharding=False) for s in STREAMS})
     self.vae = vae_lib.WanVAE(cfg.vae, rngs=rngs) if cfg.get("vae") else None
+
+  def make_extra(self, dcfg, rngs: nnx.Rngs):
+    """Block index -> the block's audio modules (a subclass swaps in its own, e.g. ECHO's)."""
+    return bm.make_extra(self.adapters, dcfg, rngs=rngs)
 
   def condition(self, batch, first_row, num_latent: int, drop: dict):
     """The DiT's `extra=` for windows of `num_latent` latent frames (+ the reference frame)
@@ -178,6 +181,13 @@ class System(system_lib.System):
     x = batch["reference_image"].astype(jnp.float32)[:, None] * (2.0 / 255.0) - 1.0
     return model.vae.normalize(model.vae.encode(x))
 
+  def clip_inputs(self, model: BeyondMonologue, batch, reference) -> dict:
+    """Arrays computed once over the batch's whole clips and handed to every window's
+    `model.condition` (with `window_row` [B], the window's first latent row in them); reference
+    [B, 1, h, w, z]. None here; ECHO's long-range context and face/lip masks."""
+    del model, batch, reference
+    return {}
+
   def generate(self, model: BeyondMonologue, batch, rng, *, steps=None, method=None,
                guidance_scales=None, window=None, overlap=None, decode=True,
                num_latent=None) -> system_lib.Outputs:
@@ -210,6 +220,7 @@ class System(system_lib.System):
     if all(x == 1.0 for x in scales):
       patterns = patterns[-1:]
     first0 = self._first_row(batch, b)
+    clip = self.clip_inputs(model, batch, ref)
 
     # Audio padded (edge) to the rows covered, sliced per window inside the scan.
     akeys = audio_lib.keys(acfg)
@@ -229,6 +240,8 @@ class System(system_lib.System):
       sub = {k: jax.lax.dynamic_slice_in_dim(v, (r0 * per_row[k]).astype(jnp.int32),
                                              int(round(w * per_row[k])), axis=1)
              for k, v in padded.items()}
+      if clip:   # whole-clip inputs, and where this window starts in them (rows)
+        sub.update(clip, window_row=jnp.full((b,), r0, jnp.int32))
       conds = [model.condition(sub, first0 + r0, w, _drops(b, p)) for p in patterns]
       k_ctx = jnp.where(i > 0, ov, 0)
       ctx = (jnp.arange(w) < k_ctx)[None, :, None, None, None]

@@ -11,8 +11,10 @@ ood (those present), each holding per conversation `<name>_speaker1.npz`, `<name
 `pose` `[T, 6]` (axis-angle: `pose[:, 0:3]` global head/neck rotation, `pose[:, 3:6]` jaw), at
 25 fps; other keys (e.g. `shape`) are ignored.
 
-Checks, each a clear error naming the file: a missing partner (`_speaker2.*` for a `_speaker1.*`
-and the wav of each npz), NaN or infinite values in motion or audio, and length mismatches beyond
+Checks, each a clear error naming the file: a missing partner (`_speaker2.*` for a `_speaker1.*`,
+`_speaker1.*` for a `_speaker2.*`, and the wav of each npz), a folder, empty, truncated or
+undecodable npz or wav (media.py's checks), a clip of 0 frames, NaN or infinite values in motion
+or audio, and length mismatches beyond
 `LENGTH_TOLERANCE_S` (0.2 s = 5 frames) between the two speakers' motion or between a speaker's
 motion and its audio; within the tolerance, every track is cropped to the shortest. Audio at any
 other sample rate is resampled to 16 kHz (a log line says so): recordings come at 44.1/48 kHz, and
@@ -54,29 +56,43 @@ def to_flame56(exp: np.ndarray, pose: np.ndarray) -> np.ndarray:
 
 def load_speaker_npz(path: str) -> np.ndarray:
   """Reads one `<name>_speakerK.npz` and returns its `[T, 56]` FLAME vector; clear errors."""
+  from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"DualTalk motion file not found: {media.display_path(path)}")
+  media.expect_file(path, "a DualTalk npz with 'exp' [T, 50] and 'pose' [T, 6]")
+  name = media.display_path(path)
   try:
     data = np.load(path)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"DualTalk motion file not found: {path}") from None
   except Exception as e:
-    raise ValueError(f"{path}: not a readable npz file ({type(e).__name__}: {e}).") from e
+    raise ValueError(f"{name}: not a readable npz file ({type(e).__name__}: {e}).") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"{name}: holds a single array, expected an npz archive with 'exp' [T, 50] "
+                     "and 'pose' [T, 6].")
   with data:
     arrays = {}
     for key, width in (("exp", 50), ("pose", 6)):
       if key not in data.files:
-        raise KeyError(f"{path}: missing key {key!r} (expected 'exp' [T, 50] and 'pose' [T, 6]; "
+        raise KeyError(f"{name}: missing key {key!r} (expected 'exp' [T, 50] and 'pose' [T, 6]; "
                        f"found {sorted(data.files)}).")
-      a = np.asarray(data[key])
+      try:  # members are read lazily: a cut-off archive fails here, not in np.load
+        a = np.asarray(data[key])
+      except Exception as e:
+        raise ValueError(f"{name}: key {key!r} does not read back ({type(e).__name__}: {e}); a "
+                         "truncated or damaged file?") from e
       if a.ndim != 2 or a.shape[1] != width:
-        raise ValueError(f"{path}: key {key!r} must have shape [T, {width}], found {a.shape}.")
+        raise ValueError(f"{name}: key {key!r} must have shape [T, {width}], found {a.shape}.")
+      if not np.issubdtype(a.dtype, np.number):
+        raise ValueError(f"{name}: key {key!r} has dtype {a.dtype}, expected numbers.")
+      if len(a) == 0:
+        raise ValueError(f"{name}: key {key!r} has 0 frames; expected a clip of T >= 1 frames.")
       arrays[key] = a
   for key, a in arrays.items():
     if not np.all(np.isfinite(a)):
       bad = np.argwhere(~np.isfinite(a))[0]
-      raise ValueError(f"{path}: key {key!r} has non-finite values (first at frame {bad[0]}, "
+      raise ValueError(f"{name}: key {key!r} has non-finite values (first at frame {bad[0]}, "
                        f"column {bad[1]}); fix or drop this clip.")
   if arrays["exp"].shape[0] != arrays["pose"].shape[0]:
-    raise ValueError(f"{path}: 'exp' has {arrays['exp'].shape[0]} frames but 'pose' has "
+    raise ValueError(f"{name}: 'exp' has {arrays['exp'].shape[0]} frames but 'pose' has "
                      f"{arrays['pose'].shape[0]}.")
   return to_flame56(arrays["exp"], arrays["pose"])
 
@@ -88,28 +104,32 @@ def load_conversation(folder: str, name: str) -> tuple[list[np.ndarray], list[np
   flame, audio = [], []
   for k in (1, 2):
     stem = os.path.join(folder, f"{name}_speaker{k}")
+    shown = media.display_path(stem)   # printable even for non-UTF-8 names
     if not os.path.exists(stem + ".npz"):
-      raise FileNotFoundError(f"DualTalk motion file not found: {stem}.npz (the partner of "
-                              f"{name}_speaker{3 - k}.npz; every conversation needs both speakers)")
+      raise FileNotFoundError(f"DualTalk motion file not found: {shown}.npz (the partner of "
+                              f"{media.display_path(name)}_speaker{3 - k}.npz; every "
+                              "conversation needs both speakers)")
     flame.append(load_speaker_npz(stem + ".npz"))
     if not os.path.exists(stem + ".wav"):
-      raise FileNotFoundError(f"DualTalk audio file not found: {stem}.wav")
+      raise FileNotFoundError(f"DualTalk audio file not found: {shown}.wav")
     a, rate = media.read_audio_with_rate(stem + ".wav")
     if rate != SAMPLE_RATE:
-      logging.info("%s.wav: %d Hz, resampled to %d Hz.", stem, rate, SAMPLE_RATE)
+      logging.info("%s.wav: %d Hz, resampled to %d Hz.", shown, rate, SAMPLE_RATE)
       a = features.resample(a, rate, SAMPLE_RATE)
     if not np.all(np.isfinite(a)):
-      raise ValueError(f"{stem}.wav: non-finite audio samples; fix or drop this clip.")
+      raise ValueError(f"{shown}.wav: non-finite audio samples; fix or drop this clip.")
     audio.append(a)
   tol = LENGTH_TOLERANCE_S
   if abs(len(flame[0]) - len(flame[1])) > tol * FPS:
     raise ValueError(
-        f"{os.path.join(folder, name)}_speaker{{1,2}}.npz: the speakers have {len(flame[0])} and "
+        f"{media.display_path(os.path.join(folder, name))}_speaker{{1,2}}.npz: the speakers "
+        f"have {len(flame[0])} and "
         f"{len(flame[1])} frames at {FPS} fps, more than {tol} s apart; the tracks are not aligned.")
   for k, (f, a) in enumerate(zip(flame, audio), start=1):
     if abs(len(a) / SAMPLE_RATE - len(f) / FPS) > tol:
       raise ValueError(
-          f"{os.path.join(folder, name)}_speaker{k}: motion lasts {len(f) / FPS:.2f} s "
+          f"{media.display_path(os.path.join(folder, name))}_speaker{k}: motion lasts "
+          f"{len(f) / FPS:.2f} s "
           f"({len(f)} frames at {FPS} fps) but audio {len(a) / SAMPLE_RATE:.2f} s, more than "
           f"{tol} s apart.")
   t = min(len(f) for f in flame)
@@ -122,13 +142,40 @@ def load_conversation(folder: str, name: str) -> tuple[list[np.ndarray], list[np
   return flame, audio
 
 
-def conversations(folder: str) -> list[str]:
-  """Sorted conversation names `<name>` with a `<name>_speaker1.npz` in `folder`."""
-  return sorted(f[: -len(_SUFFIX)] for f in os.listdir(folder) if f.endswith(_SUFFIX))
+def conversations(folder: str, *, skip_orphans: bool = False) -> list[str]:
+  """Sorted conversation names `<name>` with a `<name>_speaker1.npz` in `folder`.
+
+  A `<name>_speaker2.*` without its `<name>_speaker1.npz` is an error (it would otherwise be
+  left out without a word), or with `skip_orphans` a warning.
+  """
+  from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
+  files = os.listdir(folder)
+  names = {f[: -len(_SUFFIX)] for f in files if f.endswith(_SUFFIX)}
+  for f in sorted(files):
+    for ext in (".npz", ".wav"):
+      suffix = "_speaker2" + ext
+      if f.endswith(suffix) and f[: -len(suffix)] not in names:
+        msg = (f"{media.display_path(os.path.join(folder, f))} has no partner "
+               f"{media.display_path(f[: -len(suffix)])}{_SUFFIX}; every conversation needs both "
+               "speakers.")
+        if not skip_orphans:
+          raise FileNotFoundError(msg)
+        logging.warning("Skipping: %s", msg)
+  return sorted(names)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
-  """DualTalk conversations: both speakers' FLAME-56 at 25 fps and 16 kHz audio."""
+  """DualTalk conversations: both speakers' FLAME-56 at 25 fps and 16 kHz audio.
+
+  `skip_bad=True` (`build.py --skip_bad`): a conversation that fails a check is left out with a
+  warning naming the file and the reason, and each split's log ends with how many were skipped;
+  without it the first failure stops the build. Records then keep their conversation's `name`,
+  not the position `2n + k - 1`.
+  """
+
+  def __init__(self, *, skip_bad: bool = False, **kwargs):
+    super().__init__(**kwargs)
+    self.skip_bad = bool(skip_bad)
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
@@ -175,11 +222,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return splits
 
   def _generate_examples(self, folder: str):
-    names = conversations(folder)
+    names = conversations(folder, skip_orphans=self.skip_bad)
     if not names:
       raise FileNotFoundError(f"{folder}: no <name>{_SUFFIX} files.")
+    skipped = []
     for n, name in enumerate(names):
-      flame, audio = load_conversation(folder, name)
+      try:
+        flame, audio = load_conversation(folder, name)
+      except (ValueError, KeyError, FileNotFoundError) as e:
+        if not self.skip_bad:
+          raise
+        logging.warning("Skipping conversation %r of %s: %s", name, folder, e)
+        skipped.append(name)
+        continue
       t = min(len(f) for f in flame)
       s = t * SAMPLE_RATE // FPS
       for me in (0, 1):
@@ -194,3 +249,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "fps": FPS,
             "sample_rate": SAMPLE_RATE,
         }
+    # (Runs once the writer has drained the generator, before the split is finalised.)
+    if skipped and len(skipped) == len(names):
+      raise ValueError(f"{folder}: every one of its {len(names)} conversations failed a check "
+                       "(see the warnings above); nothing to build.")
+    if skipped:
+      logging.warning("%s: skipped %d of %d conversations (skip_bad): %s", folder, len(skipped),
+                      len(names), skipped)
