@@ -128,7 +128,7 @@ def load_config(name: str, arg: str = ""):
 def video_latents(tmp_path_factory) -> tuple[str, str]:
   """(VAE workdir, latents dir) for the video DiT tests (Beyond Monologue, ECHO): a tiny VAE
   trained 2 steps and SynthDyad encoded by it (8 train, 2 test, 2 ood clips of 1.6 s = 40
-  frames = 10 latent rows, at 32 px). Built once per session, shared across xdist workers."""
+  frames = 10 latent rows, at 32 px). Built once per pytest run, shared across xdist workers."""
   from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
   from avatar_jax.data import encoding  # pylint: disable=g-import-not-at-top
   root = _session_root(tmp_path_factory)
