@@ -343,7 +343,8 @@ def test_wav_reader_property(tmp_path, sr, channels, n, dtype, nan_at, cut):
     audio, rate = media.read_wav(path)
     assert rate == sr and audio.dtype == np.float32 and audio.shape == (n,)
     assert np.all(np.isfinite(audio)) and np.all(np.abs(audio) <= 1)
-    np.testing.assert_allclose(audio, x.mean(1), atol=1 / 100)
+    # 8-bit PCM holds 1/128 steps (written here with a 127 scale): up to ~0.011 off.
+    np.testing.assert_allclose(audio, x.mean(1), atol=2 / 128 if dtype == "uint8" else 2e-3)
   else:
     with pytest.raises(ValueError, match=re.escape(path.name)):
       media.read_wav(path)

@@ -60,9 +60,8 @@ def test_window_latent_times():
 @pytest.fixture(scope="module")
 def trained(latents, tmp_path_factory):
   """A tiny DiT trained 3 steps on the latents, then evaluated (test split, 2 clips)."""
-  workdir = str(tmp_path_factory.mktemp("bm_run") / "run")
-  trainer.train_and_evaluate(_bm_config(latents, "steps=3"), workdir)
-  return workdir
+  return harness.built_once(tmp_path_factory, "bm_trained", lambda path: trainer.train_and_evaluate(
+      _bm_config(latents, "steps=3"), path))
 
 
 def test_trains_resumes_and_scores_video(latents, trained, tmp_path):

@@ -1,6 +1,8 @@
 """ECHO on the video DiT (models/video/echo.py, configs/echo_synthdyad.py): face/lip masks
 against the SynthDyad renderer, SDCM's formula at the gate's limits, the causal long-range
 context, both stages through the trainer, and stage 2 starting exactly at stage 1."""
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from avatar_jax import sharding, trainer
+from avatar_jax import checkpointing, sharding, trainer
 from avatar_jax import system as system_lib
 from avatar_jax.data import pipeline
 from avatar_jax.evals import runner
@@ -56,10 +58,26 @@ def latents(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage1(latents, tmp_path_factory):
-  """The stage-1 workdir (role-agnostic base), trained 2 steps by the trainer."""
-  workdir = str(tmp_path_factory.mktemp("echo") / "stage1")
-  trainer.train_and_evaluate(_echo_config(latents, "stage=1,steps=2"), workdir)
-  return workdir
+  """The stage-1 workdir (role-agnostic base): 2 steps of the trainer's own step, saved in the
+  trainer's checkpoint layout. One device: compiling for 8 fake CPU devices (what
+  train_and_evaluate does) costs more and shows nothing more here."""
+
+  def build(path):
+    c = _echo_config(latents, "stage=1,steps=2")
+    s = trainer.setup(c, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]),
+                      compiler_options=FAST_COMPILE)
+    it = pipeline.make(c.data, "train", keys=s.system.data_spec().keys, seed=c.seed)
+    state = s.state
+    with trainer.use_mesh(s.mesh):
+      for _ in range(2):
+        state, metrics = s.train_step(state, s.batch(next(it)))
+    assert np.isfinite(float(metrics["loss"])) and int(state["step"]) == 2
+    ckpt = checkpointing.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+    ckpt.save(2, state, config=c, force=True)
+    ckpt.wait()
+    ckpt.close()
+
+  return harness.built_once(tmp_path_factory, "echo_stage1", build)
 
 
 @pytest.fixture(scope="module")

@@ -99,21 +99,12 @@ def trained_workdir(tmp_path_factory) -> str:
   Tests only read it (evaluate/sample write next to the checkpoints, never into them). Under
   xdist the first worker to get the lock trains; the others wait and reuse it.
   """
-  root = _session_root(tmp_path_factory)
-  workdir, done = root / "trained", root / "trained.done"
-  with open(root / "trained.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if not done.exists():
-        if workdir.exists():
-          shutil.rmtree(workdir)   # a previous attempt that failed half-way
-        out = run(train_command(str(workdir)), cache_dir(tmp_path_factory))
-        if out.returncode != 0:
-          raise AssertionError(f"training the tiny config failed:\n{out.stderr[-4000:]}")
-        done.touch()
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-  return str(workdir)
+  def build(path):
+    out = run(train_command(path), cache_dir(tmp_path_factory))
+    if out.returncode != 0:
+      raise AssertionError(f"training the tiny config failed:\n{out.stderr[-4000:]}")
+
+  return built_once(tmp_path_factory, "trained", build)
 
 
 def load_config(name: str, arg: str = ""):
@@ -125,55 +116,59 @@ def load_config(name: str, arg: str = ""):
   return module.get_config(arg)
 
 
-def video_latents(tmp_path_factory) -> tuple[str, str]:
-  """(VAE workdir, latents dir) for the video DiT tests (Beyond Monologue, ECHO): a tiny VAE
-  trained 2 steps and SynthDyad encoded by it (8 train, 2 test, 2 ood clips of 1.6 s = 40
-  frames = 10 latent rows, at 32 px). Built once per pytest run, shared across xdist workers."""
-  from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
-  from avatar_jax.data import encoding  # pylint: disable=g-import-not-at-top
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """<session folder>/<name>, made by `build(path)` once per pytest run and shared across xdist
+  workers and modules (a module-scoped fixture is rebuilt whenever other modules' tests run in
+  between on the same worker)."""
   root = _session_root(tmp_path_factory)
-  vae_dir, out, done = root / "video_vae", root / "video_latents", root / "video_latents.done"
-  with open(root / "video_latents.lock", "w") as lock:
+  path, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       if not done.exists():
-        for d in (vae_dir, out):
-          if d.exists():
-            shutil.rmtree(d)   # a previous attempt that failed half-way
-        c = load_config("vae_synthdyad", "size=tiny,res=32,frames=5,batch=8,steps=2")
-        c.data.split_sizes.train, c.data.split_sizes.test, c.data.split_sizes.ood = 8, 2, 2
-        c.data.synthdyad.duration_s = 1.6
-        c.evals = {}
-        c.train.progress_bar = False
-        trainer.train_and_evaluate(c, str(vae_dir))
-        encoding.encode(c, str(out), str(vae_dir), shard_size=8, batch_size=4, progress=False)
+        if path.exists():
+          shutil.rmtree(path)   # a previous attempt that failed half-way
+        build(str(path))
         done.touch()
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
-  return str(vae_dir), str(out)
+  return str(path)
+
+
+def video_latents(tmp_path_factory) -> tuple[str, str]:
+  """(VAE workdir, latents dir) for the video DiT tests (Beyond Monologue, ECHO): a tiny VAE
+  trained 2 steps and SynthDyad encoded by it (8 train, 2 test, 2 ood clips of 1.6 s = 40
+  frames = 10 latent rows, at 32 px)."""
+  from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
+  from avatar_jax.data import encoding  # pylint: disable=g-import-not-at-top
+
+  def build(path):
+    c = load_config("vae_synthdyad", "size=tiny,res=32,frames=5,batch=8,steps=2")
+    c.data.split_sizes.train, c.data.split_sizes.test, c.data.split_sizes.ood = 8, 2, 2
+    c.data.synthdyad.duration_s = 1.6
+    c.evals = {}
+    c.train.progress_bar = False
+    trainer.train_and_evaluate(c, os.path.join(path, "vae"))
+    encoding.encode(c, os.path.join(path, "latents"), os.path.join(path, "vae"), shard_size=8,
+                    batch_size=4, progress=False)
+
+  root = built_once(tmp_path_factory, "video_latents", build)
+  return os.path.join(root, "vae"), os.path.join(root, "latents")
 
 
 def streaming_workdir(tmp_path_factory) -> str:
   """A tiny Avatar Forcing workdir trained 2 steps (the weights only need to exist), for the
-  streaming and web-demo tests. Built once per session, shared across xdist workers."""
+  streaming and web-demo tests."""
   from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
-  root = _session_root(tmp_path_factory)
-  workdir, done = root / "streaming", root / "streaming.done"
-  with open(root / "streaming.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if not done.exists():
-        if workdir.exists():
-          shutil.rmtree(workdir)   # a previous attempt that failed half-way
-        c = load_config("forcing", "size=tiny,steps=2,batch=8,clip_frames=40,nfe=1")
-        c.data.split_sizes.train, c.data.split_sizes.test = 16, 2
-        c.evals = {}
-        c.train.progress_bar, c.train.stats_batches = False, 1
-        trainer.train_and_evaluate(c, str(workdir))
-        done.touch()
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-  return str(workdir)
+
+  def build(path):
+    c = load_config("forcing", "size=tiny,steps=2,batch=8,clip_frames=40,nfe=1")
+    c.data.split_sizes.train, c.data.split_sizes.test = 16, 2
+    c.evals = {}
+    c.train.progress_bar, c.train.stats_batches = False, 1
+    trainer.train_and_evaluate(c, path)
+
+  return built_once(tmp_path_factory, "streaming", build)
 
 
 # --------------------------------------------------------------------------- TensorBoard events
