@@ -248,3 +248,19 @@ def test_tiny_config_trains_resumes_and_generates(tmp_path):
     assert out.space == "flame56" and out.value.shape == (2, 60, 56)
     assert np.all(np.isfinite(np.asarray(out.value)))
   assert np.asarray(model.mean[...]).shape == (56,)
+
+
+def test_data_parallel_step_moves_no_examples_between_devices():
+  """Under pure data parallelism the only collective is the gradient all-reduce: both speakers'
+  audio and the diffusion head's copies stay inside each example, so no batch shard moves."""
+  import re  # pylint: disable=g-import-not-at-top
+  c = _config(**{"data.batch_size": 8})
+  mesh = sharding.make_mesh({"data": jax.device_count()})
+  s = trainer.setup(c, mesh, compiler_options={"xla_backend_optimization_level": 0,
+                                               "xla_llvm_disable_expensive_passes": True})
+  batch = s.batch(next(pipeline.make(c.data, "train", keys=s.system.data_spec().keys, seed=0)))
+  with trainer.use_mesh(mesh):
+    hlo = s.train_step.lower(s.state, batch).compile().as_text()
+  moved = re.findall(r"\b(collective-permute|all-to-all)(?:-start)?\(", hlo)
+  assert jax.device_count() == 8 and not moved, f"{len(moved)} {sorted(set(moved))} in the step"
+  assert re.search(r"\ball-reduce(?:-start)?\(", hlo)

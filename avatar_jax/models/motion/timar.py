@@ -116,7 +116,9 @@ def sample_head(head: DiffusionHead, z, rng, *, channels: int, steps: int, tempe
 def head_loss(head: DiffusionHead, rng, z, x0, mask, batch_mul: int = 1):
   """Masked x0 loss: z [B, N, Dz], x0 [B, N, C], mask [B, N] (True = counts). Each token is
   noised `batch_mul` times at independent levels (the reference's diffusion_batch_mul)."""
-  z, x0, mask = (jnp.concatenate([a] * batch_mul) for a in (z, x0, mask))
+  # Copies next to their original ([B·m], batch outermost): concatenating along the batch axis
+  # would move examples between the devices that hold batch shards.
+  z, x0, mask = (jnp.repeat(a, batch_mul, axis=0) for a in (z, x0, mask))
   r_t, r_eps = jax.random.split(rng)
   t = cosine.sample_t(r_t, x0.shape[:2])
   x_t = cosine.q_sample(x0, jax.random.normal(r_eps, x0.shape, x0.dtype), t)
@@ -241,11 +243,12 @@ class Timar(nnx.Module):
     b, n, _ = x_user.shape
     f, r = self.frames, self.mel_per_frame
     turns = n // f
-    mel = jnp.concatenate([mel_user, mel_agent]).reshape(2 * b * turns, f * r, -1)
+    # Both speakers stacked inside each example (batch outermost, so batch shards stay put).
+    mel = jnp.stack([mel_user, mel_agent], axis=1).reshape(b * 2 * turns, f * r, -1)
     a = self.audio(mel.astype(self.dtype))
-    a = a.reshape(2, b, turns, f, r, -1).mean(axis=4)   # [2, B, C, F, D]
+    a = a.reshape(b, 2, turns, f, r, -1).mean(axis=4)   # [B, 2, C, F, D]
     m = self.embed_motion(x_user).reshape(b, turns, f, -1)
-    return jnp.stack([a[0], m, a[1]], axis=2)
+    return jnp.stack([a[:, 0], m, a[:, 1]], axis=2)
 
   def agent_tokens(self, x_agent, known):
     """Agent-motion tokens [B, W, F, D]: the motion x_agent [B, W, F, C] where `known`
