@@ -25,6 +25,9 @@ import trainer_harness as harness
 from avatar_jax import checkpointing, distributed, sharding, trainer
 from avatar_jax.data import pipeline
 
+# One worker builds the module's fixtures (replay's compile is shared by all its checks).
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 STEPS = 4
 MESH_A = {"data": 2, "fsdp": 4}
 MESH_B = {"fsdp": 8}
@@ -94,33 +97,40 @@ def probe(workdir_a: str, workdir_b: str, out: str) -> None:
 # ============================================================================ launches
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("multiprocess")
-  a, b, out = root / "a", root / "b", root / "probe"
-  out.mkdir()
-  env = _env(tmp_path_factory, 4)
-  env.update(PROCS="2", PORT=str(_free_port()))
-  cmd = [os.path.join(harness.REPO, "launch", "local", "train.sh"),
-         f"{harness.QUICKSTART}:{harness.CONFIG_ARG}", str(a),
-         *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
-  run_a = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-  log_a = run_a.stdout + run_a.stderr
-  assert run_a.returncode == 0, log_a[-4000:]
+  def launch(root):
+    a, b, out = (os.path.join(root, n) for n in ("a", "b", "probe"))
+    os.makedirs(out)
+    env = _env(tmp_path_factory, 4)
+    env.update(PROCS="2", PORT=str(_free_port()))
+    cmd = [os.path.join(harness.REPO, "launch", "local", "train.sh"),
+           f"{harness.QUICKSTART}:{harness.CONFIG_ARG}", a,
+           *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
+    run_a = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    with open(os.path.join(out, "log_a.txt"), "w") as f:
+      f.write(run_a.stdout + run_a.stderr)
+    assert run_a.returncode == 0, (run_a.stdout + run_a.stderr)[-4000:]
 
-  env = _env(tmp_path_factory, 2)
-  env.update(AVATAR_COORDINATOR=f"localhost:{_free_port()}", AVATAR_NUM_PROCESSES="4")
-  procs = [subprocess.Popen([sys.executable, __file__, str(a), str(b), str(out)], cwd=harness.REPO,
-                            env={**env, "AVATAR_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(4)]
-  try:
-    logs_b = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:   # one failed process leaves the others waiting for it
-      p.kill()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i} of run B:\n{logs_b[i][-4000:]}"
-  probes = [json.loads((out / f"process_{i}.json").read_text()) for i in range(4)]
-  return {"a": str(a), "b": str(b), "log_a": log_a, "probes": probes,
-          "state_b": dict(np.load(out / "state.npz"))}
+    env = _env(tmp_path_factory, 2)
+    env.update(AVATAR_COORDINATOR=f"localhost:{_free_port()}", AVATAR_NUM_PROCESSES="4")
+    procs = [subprocess.Popen([sys.executable, __file__, a, b, out], cwd=harness.REPO,
+                              env={**env, "AVATAR_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(4)]
+    try:
+      logs_b = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+      for p in procs:   # one failed process leaves the others waiting for it
+        p.kill()
+    for i, p in enumerate(procs):
+      assert p.returncode == 0, f"process {i} of run B:\n{logs_b[i][-4000:]}"
+
+  # Launched once per test run: a module fixture is rebuilt whenever other modules' tests run
+  # in between on the same worker, and these launches are the suite's most expensive setup.
+  root = harness.built_once(tmp_path_factory, "multiprocess", launch)
+  out = os.path.join(root, "probe")
+  probes = [json.loads(open(os.path.join(out, f"process_{i}.json")).read()) for i in range(4)]
+  return {"a": os.path.join(root, "a"), "b": os.path.join(root, "b"),
+          "log_a": open(os.path.join(out, "log_a.txt")).read(), "probes": probes,
+          "state_b": dict(np.load(os.path.join(out, "state.npz")))}
 
 
 @pytest.fixture(scope="module")
