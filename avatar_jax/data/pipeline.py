@@ -74,7 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
   # A name registered in data/sources.py: 'synthdyad' (the generator, on the fly), 'tfds' (a
   # prepared TFDS dataset, read without TensorFlow), 'arrays' (pre-encoded clips, data/arrays.py).
   c.source = "synthdyad"
-  c.tfds = ml_collections.ConfigDict(dict(name="synthdyad", data_dir=None, fps=25))
+  # data_dir is a typed placeholder (None: TFDS's default) so that a flag can set it.
+  c.tfds = ml_collections.ConfigDict(dict(
+      name="synthdyad", data_dir=ml_collections.config_dict.placeholder(str), fps=25))
   c.arrays = ml_collections.ConfigDict(dict(dir=""))  # written by `python -m avatar_jax.encode`
   c.split_sizes = ml_collections.ConfigDict(dict(train=4096, test=128, ood=128))
   c.synthdyad = ml_collections.ConfigDict(

@@ -241,7 +241,12 @@ class TfdsSource:
     return self[index]
 
   def num_frames(self, index: int) -> int:
-    return int(np.shape(self[index]["flame56_self"])[0])
+    ex = self[index]
+    # Video datasets (video_folder) store it: they have no motion track, and their video may be
+    # left undecoded (`skip`).
+    if "num_frames" in ex:
+      return int(ex["num_frames"])
+    return int(np.shape(ex["flame56_self"])[0])
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"

@@ -1,0 +1,1 @@
+"""TFDS builder `video_folder` (see video_folder_dataset_builder.py)."""
