@@ -3,6 +3,7 @@ import dataclasses
 import os
 import shutil
 
+import av
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -167,6 +168,35 @@ def test_box_crop_reads_the_box(talks, tmp_path):
   (tmp_path / "boxes.csv").write_text("video,x,y\nx/carol,80,16\n")
   with pytest.raises(ValueError, match=r"boxes.csv: header .*expected"):
     vf.load_boxes(str(tmp_path))
+
+
+def test_detect_crop_finds_a_real_face(tmp_path):
+  """crop='detect' on a photograph (scikit-image's bundled astronaut, 512 px) placed at the left
+  of a 512x1024 frame, where the centre crop would miss the face."""
+  pytest.importorskip("cv2", reason="crop='detect' needs the [video] extra (OpenCV)")
+  skimage_data = pytest.importorskip("skimage.data")
+  frame = np.zeros((512, 1024, 3), np.uint8)
+  frame[:, :512] = skimage_data.astronaut()
+  path = tmp_path / "astronaut.mp4"
+  media.write_mp4(path, np.stack([frame] * 5), 25)
+  x, y, w, h = vf.detect_face(frame, "astronaut")
+  # Her face (brows to chin) spans about x 180-270, y 70-160 (looked up on the image by eye).
+  assert x < 180 and x + w > 270 and y < 70 and y + h > 160 and 100 < w < 250
+  assert abs(w / vf.DETECT_MARGIN - 95) < 25     # the cascade's own box, before the margin
+  top, left, side = vf.square(512, 1024, (x, y, w, h))
+  got = vf.read_video(str(path), 64, detect=True)
+  assert got.shape == (5, 64, 64, 3)
+  centre = frame[:, 256:768]
+  # The frames hold the face crop, not the (face-less) centre: both resized to 64 px to compare.
+  face = frame[top:top + side, left:left + side]
+  pool = lambda img: av.VideoFrame.from_ndarray(np.ascontiguousarray(img.astype(np.uint8)),
+                                                format="rgb24").reformat(
+      width=64, height=64, interpolation="AREA").to_ndarray(format="rgb24").astype(np.float32)
+  err_face = np.abs(got[0].astype(np.float32) - pool(face)).mean()
+  err_centre = np.abs(got[0].astype(np.float32) - pool(centre)).mean()
+  assert err_face < 12 and err_centre > 3 * err_face, (err_face, err_centre)
+  with pytest.raises(ValueError, match="finds no face in the first frame"):
+    vf.detect_face(np.zeros((128, 128, 3), np.uint8), "blank.mp4")
 
 
 def test_clear_errors(talks, tmp_path):

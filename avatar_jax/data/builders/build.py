@@ -36,7 +36,7 @@ _OVERRIDES = {
     "ood_size": flags.DEFINE_integer("ood_size", None, "SynthDyad ood samples."),
     "resolution": flags.DEFINE_integer("resolution", None, "SynthDyad render / video_folder crop "
                                        "size."),
-    "crop": flags.DEFINE_enum("crop", None, ["center", "box"], "video_folder face crop."),
+    "crop": flags.DEFINE_enum("crop", None, ["center", "box", "detect"], "video_folder face crop."),
     "layout": flags.DEFINE_enum("layout", None, ["folder", "seamless"], "video_folder layout."),
     "duration_s": flags.DEFINE_float("duration_s", None, "SynthDyad clip length (all splits)."),
     "seed": flags.DEFINE_integer("seed", None, "SynthDyad generator seed."),

@@ -35,7 +35,13 @@ largest centred square. 'box' takes a square around a per-video box from `<manua
 (`{"<mp4 path relative to manual_dir, no extension>": [x, y, w, h], ...}` in source pixels) or
 `<manual_dir>/boxes.csv` (header `video,x,y,w,h`): write it with any face detector. The box is
 grown to a square of side max(w, h) about its centre and shifted to lie inside the frame. The
-square is resized to `resolution` px (area filter).
+square is resized to `resolution` px (area filter). 'detect' finds the box itself: the largest
+face OpenCV's bundled frontal-face Haar cascade finds in a video's first frame, grown
+DETECT_MARGIN times about its centre (the cascade boxes brows to chin; a talking head needs the
+hair, jaw and some neck). It needs `pip install 'avatar_jax[video]'` (opencv-python-headless < 5:
+OpenCV 5 no longer ships the cascades). The cascade is chosen because it installs from the
+package registry with its model inside; it wants near-frontal, well-lit faces, and it does not
+find SynthDyad's drawn faces (use 'center' for those).
 
 Checks, each a clear error naming the file: a conversation without exactly two speakers, a wav
 without its mp4, an mp4 without an audio stream and no wav, an unreadable, truncated or
@@ -63,14 +69,15 @@ from avatar_jax.data.builders.dualtalk.dualtalk_dataset_builder import (  # same
 
 SPLITS = ("train", "dev", "test", "ood")
 LAYOUTS = ("folder", "seamless")
-CROPS = ("center", "box")
+CROPS = ("center", "box", "detect")
+DETECT_MARGIN = 1.6   # crop side / detected face side
 _SEAMLESS = re.compile(r"^(V[^_]+_S[^_]+_I[^_]+)_(P[^_.]+)\.mp4$")
 _ZLIB = tfds.features.Encoding.ZLIB
 
 
 @dataclasses.dataclass
 class VideoFolderConfig(tfds.core.BuilderConfig):
-  """Output frame size, face crop ('center' | 'box'), input layout ('folder' | 'seamless'), and
+  """Output frame size, face crop ('center' | 'box' | 'detect'), input layout ('folder' | 'seamless'), and
   the multiple every clip's frame count is cut down to."""
 
   resolution: int = 64
@@ -245,10 +252,36 @@ def square(height: int, width: int, box=None) -> tuple[int, int, int]:
   return min(max(top, 0), height - side), min(max(left, 0), width - side), side
 
 
+def detect_face(image: np.ndarray, where: str) -> tuple[float, float, float, float]:
+  """(x, y, w, h) of the largest frontal face in an RGB frame [H, W, 3] (OpenCV's bundled Haar
+  cascade), grown DETECT_MARGIN times about its centre."""
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("crop='detect' needs OpenCV's face cascades: pip install "
+                      "'avatar_jax[video]' (opencv-python-headless < 5)") from e
+  if not hasattr(cv2, "CascadeClassifier"):
+    raise ImportError(f"crop='detect': OpenCV {cv2.__version__} has no CascadeClassifier (OpenCV "
+                      "5 dropped it); pip install 'opencv-python-headless<5'")
+  cascade = cv2.CascadeClassifier(
+      os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
+  gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+  faces = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+  if len(faces) == 0:
+    raise ValueError(f"{where}: OpenCV's frontal-face cascade finds no face in the first frame "
+                     f"({image.shape[1]}x{image.shape[0]}); give boxes from your own detector "
+                     "(crop='box') or use crop='center'.")
+  x, y, w, h = (float(v) for v in max(faces, key=lambda f: f[2] * f[3]))
+  m = DETECT_MARGIN
+  return x + w / 2 - m * w / 2, y + h / 2 - m * h / 2, m * w, m * h
+
+
 # ========================================================================================= video
-def read_video(path: str, resolution: int, *, box=None, fps: int = FPS) -> np.ndarray:
-  """Frames of `path` at `fps` (nearest source timestamp), cropped (`square`) and resized:
-  uint8 `[T, resolution, resolution, 3]`."""
+def read_video(path: str, resolution: int, *, box=None, detect: bool = False,
+               fps: int = FPS) -> np.ndarray:
+  """Frames of `path` at `fps` (nearest source timestamp), cropped (`square` of `box`, or of the
+  face `detect_face` finds in the first frame) and resized: uint8 `[T, resolution, resolution,
+  3]`."""
   import av  # pylint: disable=g-import-not-at-top
   from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
 
@@ -266,7 +299,7 @@ def read_video(path: str, resolution: int, *, box=None, fps: int = FPS) -> np.nd
     nonlocal crop
     image = frame.to_ndarray(format="rgb24")
     if crop is None:
-      crop = square(image.shape[0], image.shape[1], box)
+      crop = square(image.shape[0], image.shape[1], detect_face(image, name) if detect else box)
     top, left, side = crop
     image = np.ascontiguousarray(image[top:top + side, left:left + side])
     if side != resolution:
@@ -328,8 +361,9 @@ def read_speaker_audio(speaker: Speaker) -> np.ndarray:
   return audio.astype(np.float32)
 
 
-def load_conversation(conv: Conversation, resolution: int, *, boxes=None, root: str = "",
-                      frame_multiple: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def load_conversation(conv: Conversation, resolution: int, *, boxes=None, detect: bool = False,
+                      root: str = "", frame_multiple: int = 1
+                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """Both speakers' (`[T, R, R, 3]` video, `[T * 640]` audio), checked and cut to the shortest
   length, rounded down to a multiple of `frame_multiple` frames."""
   from avatar_jax.data import media  # pylint: disable=g-import-not-at-top
@@ -344,7 +378,7 @@ def load_conversation(conv: Conversation, resolution: int, *, boxes=None, root: 
                        f"of {media.display_path(root)} (crop='box'); it has {len(boxes)} "
                        "entries.")
       box = boxes[key]
-    videos.append(read_video(s.video, resolution, box=box))
+    videos.append(read_video(s.video, resolution, box=box, detect=detect))
     audios.append(read_speaker_audio(s))
     seconds = (len(videos[-1]) / FPS, len(audios[-1]) / SAMPLE_RATE)
     if abs(seconds[0] - seconds[1]) > LENGTH_TOLERANCE_S:
@@ -446,6 +480,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     for n, conv in enumerate(tqdm.tqdm(convs, desc=f"video_folder {split}", unit="conv")):
       try:
         videos, audios = load_conversation(conv, self.builder_config.resolution, boxes=boxes,
+                                           detect=self.builder_config.crop == "detect",
                                            root=root,
                                            frame_multiple=self.builder_config.frame_multiple)
       except (ValueError, KeyError, FileNotFoundError) as e:
