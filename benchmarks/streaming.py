@@ -13,8 +13,10 @@ as possible. Columns:
   end to end (ms)     after-audio median + look-ahead: audio sample in -> frame out
   frames/s            frames generated per second of compute (as fast as possible)
   real-time factor    frames/s / fps (>= 1: keeps up)
-The quality rows run the evaluator of the run's config (synthdyad) on the same clips offline,
-which `tests/test_stream.py` shows equal to the streamed motion.
+A second table scores the motion on the same clips with the SynthDyad metrics
+(evals/synthdyad_metrics.py): streamed (the as-fast-as-possible pass of each chunk size) and
+offline (`System.generate` on the whole clip, the trainer's evaluator path), which
+`tests/test_stream.py` shows equal to the streamed motion.
 """
 from __future__ import annotations
 
@@ -26,7 +28,27 @@ import jax
 import numpy as np
 
 from avatar_jax import stream, trainer
-from avatar_jax.data import pipeline
+from avatar_jax.data import features, pipeline
+from avatar_jax.evals import synthdyad_metrics as sdm
+
+QUALITY = ("lip_corr", "lip_conf", "jaw_leak", "nod_f1", "smile_resp")
+
+
+def quality_row(name: str, motions, clips) -> str:
+  """One markdown row of SynthDyad metrics, averaged over clips; motions [T', C] per clip."""
+  agg = sdm.aggregate([sdm.clip_metrics(m[:len(c["motion_self"])], c)
+                       for m, c in zip(motions, clips)])
+  return f"| {name} | " + " | ".join(f"{agg.get(k, float('nan')):.3f}" for k in QUALITY) + " |"
+
+
+def offline_motion(system, model, config, clip, rng) -> np.ndarray:
+  """[T, C] motion of one clip from `System.generate` (whole clip, no streaming)."""
+  mel = features.mel_config_from(config.data.features)
+  batch = {"mel_self": features.log_mel(clip["audio_self"], mel)[None],
+           "mel_partner": features.log_mel(clip["audio_partner"], mel)[None]}
+  if system.cfg.use_partner_motion:
+    batch["motion_partner"] = np.asarray(clip["motion_partner"], np.float32)[None]
+  return np.asarray(system.generate(model, batch, rng).value)[0]
 
 
 def main(argv=None):
@@ -53,6 +75,7 @@ def main(argv=None):
   agent = stream.DuplexAgent(system, model, config)
   stream.replay(agent, clips[0]["audio_self"][:32000], clips[0]["audio_partner"][:32000],
                 realtime=False)          # compiles the block step: not part of any latency
+  streamed = {}
   for chunk in (int(c) for c in args.chunks.split(",")):
     comp, after, frames, seconds = [], [], 0, 0.0
     for real in (True, False):
@@ -68,15 +91,24 @@ def main(argv=None):
           comp += [x["compute_ms"] for x in agent.latency]
           frames += len(out)
           seconds += sum(x["compute_ms"] for x in agent.latency) / 1e3
+        if not real and agent.motion:
+          streamed.setdefault(chunk, []).append(np.concatenate(agent.motion))
     fps_gen = frames / seconds
     row = (f"| {chunk} | {len(comp)} | {np.median(comp):.1f} / {np.percentile(comp, 95):.1f} | "
            f"{np.median(after):.1f} / {np.percentile(after, 95):.1f} | {design:.0f} | "
            f"{np.median(after) + design:.0f} | {fps_gen:.0f} | {fps_gen / fps:.1f}× |")
     lines.append(row)
     print(row, flush=True)
+  q = ["| motion, same clips | " + " | ".join(QUALITY) + " |", "|---|" + "---:|" * len(QUALITY)]
+  for chunk, motions in streamed.items():
+    q.append(quality_row(f"streamed, {chunk}-ms chunks", motions, clips))
+  rng = jax.random.key(0)
+  q.append(quality_row("offline (System.generate)",
+                       [offline_motion(system, model, config, c, rng) for c in clips], clips))
+  print("\n" + "\n".join(q), flush=True)
   if args.out_md:
     with open(args.out_md, "w") as f:
-      f.write(head + "\n\n" + "\n".join(lines) + "\n")
+      f.write(head + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(q) + "\n")
 
 
 if __name__ == "__main__":

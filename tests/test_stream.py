@@ -103,3 +103,25 @@ def test_stream_command_replays_wavs(tmp_path, tmp_path_factory):
     log = json.load(f)
   assert log["summary"]["blocks"] == 4 and len(log["blocks"]) == 4
   assert log["summary"]["lookahead_ms"] > 80
+
+
+def test_streaming_benchmark_prints_latency_and_quality(tmp_path, tmp_path_factory):
+  """benchmarks/streaming.py on the shared tiny workdir: one latency row per chunk size, and the
+  streamed motion scores what the offline System.generate scores on the same clip."""
+  import trainer_harness  # pylint: disable=g-import-not-at-top
+  from benchmarks import streaming  # pylint: disable=g-import-not-at-top
+  workdir = trainer_harness.streaming_workdir(tmp_path_factory)
+  out = tmp_path / "bench.md"
+  streaming.main(["--workdir", workdir, "--clips", "1", "--chunks", "320", "--out_md", str(out)])
+  text = out.read_text()
+  latency = [l for l in text.splitlines() if l.startswith("| 320 |")]
+  assert len(latency) == 1
+  frames_per_s = float(latency[0].split("|")[7])
+  assert frames_per_s > 0
+  rows = {l.split("|")[1].strip(): [float(v) for v in l.split("|")[2:-1]]
+          for l in text.splitlines() if l.startswith("| streamed") or l.startswith("| offline")}
+  assert set(rows) == {"streamed, 320-ms chunks", "offline (System.generate)"}
+  streamed, offline = rows["streamed, 320-ms chunks"], rows["offline (System.generate)"]
+  lip_corr = streamed[0]
+  assert -1.0 <= lip_corr <= 1.0
+  np.testing.assert_allclose(streamed[:3], offline[:3], atol=2e-3)   # lip_corr, lip_conf, jaw_leak
