@@ -302,3 +302,33 @@ def test_export_and_convert_cli_round_trip(reference, model, tmp_path):
   folder = dit.save_diffusers(restored, str(tmp_path / "exported"))
   _, again = dit.load_diffusers(folder, dtype="float32")
   assert dit.num_params(again) == dit.num_params(model)
+
+
+def test_dit_step_benchmark_rows_on_cpu():
+  """benchmarks/dit_step.py at a tiny shape: our row and diffusers' row (when installed), both
+  scored on the FLOPs of our XLA-attention lowering; out-of-memory becomes a row, not a crash."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  from benchmarks import dit_step  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(preset="tiny", frames=3, res="32x32", text_len=8, attn=["xla"],
+                            reps=1, warmup=1, peak_tflops=989.0, matmul_tflops=1.0)
+  rows = dit_step.wan_rows(args)
+  ours = [r for r in rows if r["impl"] == "ours (xla)"]
+  assert len(ours) == 1 and ours[0]["ms"] > 0
+  assert np.isfinite(ours[0]["flops"]) and ours[0]["flops"] > 0
+  ref = [r for r in rows if r["impl"] == "diffusers"]
+  try:
+    import diffusers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    assert len(ref) == 1 and ref[0]["flops"] == ours[0]["flops"]
+  except ImportError:
+    assert not ref
+
+  def oom():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.58TiB")
+
+  assert dit_step.timed_or_none(oom, lambda _: None, args, "x") is None
+
+  def other():
+    raise ValueError("a real bug")
+
+  with pytest.raises(ValueError):
+    dit_step.timed_or_none(other, lambda _: None, args, "x")
