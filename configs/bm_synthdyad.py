@@ -23,7 +23,8 @@ Arguments (`--config configs/bm_synthdyad.py:size=tiny,attn=frame`):
   latents (the encode job's --out; default runs/vae_s<res>_latents), vae (the VAE workdir;
   default runs/vae_s<res>; "" = none: generation returns latents and only the flow loss is
   tracked), vae_size (its preset: S, tiny for size=tiny), eval_clips.
-What S reaches is in docs/tables.md (the ablation) with its commands.
+S's GPU training and the ablation have not run yet (docs/video_dit.md, Status); their results
+and commands go to docs/tables.md.
 """
 from avatar_jax import config_lib
 from avatar_jax.data import pipeline
