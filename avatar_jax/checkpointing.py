@@ -2,6 +2,8 @@
 
 Layout under `<workdir>/checkpoints/<step>/`: `state` (sharded arrays), `data` (the iterator's
 position, so a resumed run sees exactly the batches an uninterrupted one would), `config` (JSON).
+The data position is the global batch position, the same on every process (one global order,
+data/pipeline.py), so it too restores onto any process count (`DataHandler`).
 Saves are asynchronous; a save only becomes visible once complete, so a process killed mid-save
 resumes from the previous checkpoint. A visible checkpoint that does not read back (a truncated or
 corrupted file, a half-deleted step) is skipped by `restore_latest` with a warning naming the step
@@ -9,16 +11,82 @@ and the error, and renamed to `<step>.damaged` so that the run can write that st
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 DAMAGED_SUFFIX = ".damaged"
+_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+class DataHandler(grain.checkpoint.CheckpointHandler):
+  """Grain's Orbax handler, restoring onto any process count.
+
+  Saves as Grain does, one `process_<i>-of-<n>.json` per process. Grain restores only the file of
+  the same (index, count), which does not exist after a change of process count; here every
+  process reads all the saved files (a few hundred bytes each, once per resume), checks they agree
+  (the pipeline's position is global, so they must) and sets that state.
+  """
+
+  def restore(self, directory: epath.Path, item=None, args: Any = None):
+    item = item or args.item
+    if not isinstance(item, grain.DatasetIterator):  # a DataLoader's state is per process
+      return super().restore(directory, item=item, args=args)
+    return restore_data_state(directory, item)
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+def saved_data_state(directory) -> dict:
+  """The iterator state saved in a checkpoint's `data` folder, by any number of processes.
+
+  Raises ValueError if a process's file is missing or the processes saved different states.
+  """
+  directory = epath.Path(directory)
+  found = {}
+  for f in directory.iterdir():
+    m = _STATE_FILE.fullmatch(f.name)
+    if m:
+      found[int(m[1]), int(m[2])] = f
+  n = max((c for _, c in found), default=0)
+  if not n or sorted(found) != [(i, n) for i in range(n)]:
+    raise ValueError(f"{directory} should hold one process_<i>-of-<n>.json per saving process, "
+                     f"i = 0..n-1; it holds {sorted(f.name for f in found.values())}.")
+  states = [json.loads(found[k].read_text()) for k in sorted(found)]
+  differ = [i for i, st in enumerate(states) if st != states[0]]
+  if differ:
+    raise ValueError(
+        f"The data iterator states in {directory} differ between processes {differ} and 0, so "
+        f"no one position resumes every process. The data order is global and every process "
+        f"saves the same state, so this checkpoint was not written by this pipeline or its "
+        f"files were changed.")
+  return states[0]
+
+
+def restore_data_state(directory, iterator: grain.DatasetIterator) -> grain.DatasetIterator:
+  """Sets `iterator` to the state saved in `directory` (see `saved_data_state`)."""
+  iterator.set_state(saved_data_state(directory))
+  iterator.start_prefetch()
+  return iterator
 
 
 class Checkpointer:
@@ -30,7 +98,7 @@ class Checkpointer:
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save),
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            "data": DataHandler(),
             "config": ocp.JsonCheckpointHandler(),
         })
 
@@ -41,7 +109,7 @@ class Checkpointer:
            *, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = DataSave(data_iter)
     if config is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -50,14 +118,15 @@ class Checkpointer:
     """abstract_state: pytree of jax.ShapeDtypeStruct carrying the *target* shardings.
 
     Restores the state laid out for the current mesh, whatever mesh wrote it, and moves
-    `data_iter` (if given) to the saved position. Returns the state.
+    `data_iter` (if given) to the saved position, whatever process count wrote it. Returns the
+    state.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = DataRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def restore_latest(self, abstract_state, data_iter=None) -> tuple[int, object]:

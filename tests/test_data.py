@@ -257,7 +257,9 @@ def test_worker_count_does_not_change_batches_and_state_resumes(tmp_path):
   ref = [next(ref_it) for _ in range(4)]
   c.worker_count = 2
   c.synthdyad.cache = True  # filled over 2 processes, then shipped to the 2 prefetch workers
-  it = pipeline.make(c, "train", keys=keys, seed=1, shard_index=0, shard_count=1)
+  # Shard 1 of 2: the second half of each global batch, with workers too.
+  ref = [{k: v[2:] for k, v in b.items()} for b in ref]
+  it = pipeline.make(c, "train", keys=keys, seed=1, shard_index=1, shard_count=2)
   try:
     got = [next(it) for _ in range(2)]
     state = it.get_state()
@@ -287,6 +289,73 @@ def test_orbax_checkpoint_of_iterator_resumes_exactly(tmp_path):
   for w in want:
     _assert_batches_equal(next(fresh), w)
   mgr.close()
+
+
+def _concat(parts):
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_global_batch_order_does_not_depend_on_the_shard_count():
+  """Shards p of n side by side are the 1-shard batch, step after step (across an epoch
+  boundary: 6 examples, global batch 4), also after `set_state` from another shard count."""
+  c = _small_config()
+  keys = ("motion_self",)  # and the bookkeeping keys: example_index, clip_start
+  make = lambda p, n: pipeline.make(c, "train", keys=keys, seed=3, shard_index=p, shard_count=n)
+  its = {n: [make(p, n) for p in range(n)] for n in (1, 2, 4)}
+  states, wants = [], []
+  for _ in range(4):
+    states.append(its[2][0].get_state())
+    wants.append(next(its[1][0]))
+    for n in (2, 4):
+      _assert_batches_equal(_concat([next(it) for it in its[n]]), wants[-1])
+  # The position is global: every shard of every count stands at the same one.
+  assert all(it.get_state() == its[1][0].get_state() for n in (2, 4) for it in its[n])
+  # Saved with 2 shards, resumed with 4 and with 1 (and the reverse): the same next batches.
+  for n, m in ((2, 4), (2, 1), (4, 2)):
+    src = [make(p, n) for p in range(n)]
+    for _ in range(2):
+      for it in src:
+        next(it)
+    dst = [make(p, m) for p in range(m)]
+    for it in dst:
+      it.set_state(src[0].get_state())
+    for _ in range(2):
+      _assert_batches_equal(_concat([next(it) for it in dst]), _concat([next(it) for it in src]))
+  # A 2-shard position rewinds a 4-shard iterator.
+  for it in its[4]:
+    it.set_state(states[1])
+  _assert_batches_equal(_concat([next(it) for it in its[4]]), wants[1])
+
+
+def test_data_state_restores_from_another_process_count(tmp_path):
+  """The data files of a 2-process checkpoint restore here (1 process); disagreeing or missing
+  files are clear errors."""
+  import json
+
+  from avatar_jax import checkpointing
+
+  c = _small_config()
+  it = pipeline.make(c, "train", seed=2, shard_index=1, shard_count=2)
+  next(it)
+  for p in range(2):
+    (tmp_path / f"process_{p}-of-2.json").write_text(json.dumps(it.get_state()))
+  fresh = pipeline.make(c, "train", seed=2, shard_index=0, shard_count=1)
+  checkpointing.restore_data_state(tmp_path, fresh)
+  ref = pipeline.make(c, "train", seed=2, shard_index=0, shard_count=1)
+  next(ref)
+  _assert_batches_equal(next(fresh), next(ref))
+  (tmp_path / "process_1-of-2.json").write_text(json.dumps(fresh.get_state()))
+  with pytest.raises(ValueError, match=r"differ between processes \[1\] and 0"):
+    checkpointing.saved_data_state(tmp_path)
+  (tmp_path / "process_1-of-2.json").unlink()
+  with pytest.raises(ValueError, match=r"one process_<i>-of-<n>.json .* \['process_0-of-2.json'\]"):
+    checkpointing.saved_data_state(tmp_path)
+
+
+def test_too_few_examples_for_the_global_batch():
+  c = _small_config(batch_size=8)  # 6 examples
+  with pytest.raises(ValueError, match=r"'train' has 6 examples < global batch 8 \(host batch 4"):
+    pipeline.make(c, "train", shard_index=0, shard_count=2)
 
 
 def test_to_global_shards_leading_dim_over_mesh():

@@ -1,10 +1,12 @@
 """Several JAX processes on CPU (jax.distributed with a localhost coordinator), the real trainer:
 
   run A  launch/local/train.sh, 2 processes x 4 devices, mesh data=2 x fsdp=4: 4 steps, then saves
-  run B  this file as a program, 4 processes x 2 devices, mesh fsdp=8: restores A's step 4, records
-         each process's Grain examples, saves the state again, and checks the config-agreement error
+  run B  this file as a program, 4 processes x 2 devices, mesh fsdp=8: records each process's
+         first Grain examples, restores A's step 4 (state and data position), saves both again,
+         records the batch it resumes with, and checks the config-agreement error
   here   1 process x 8 devices: replays A's global batches (the two per-process Grain shards side by
-         side) and compares losses, parameters, data positions, and both checkpoints.
+         side) and compares losses, parameters, data positions, both checkpoints, and the batch
+         each resume on another process count (2 -> 4, 2 -> 1, 4 -> 1) draws next.
 
 Process start, jax import and compilation cost seconds each, so the two launches do every check.
 """
@@ -68,19 +70,22 @@ def probe(workdir_a: str, workdir_b: str, out: str) -> None:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir_a, "checkpoints"))
   config = ckpt.restore_config()
   s = trainer.setup(config, sharding.make_mesh(MESH_B), fit=False, init_from=False, abstract=True)
-  state = ckpt.restore(s.state, step=STEPS)
+  # This process's rows of the first global batches: one epoch = 16 examples / global batch 8.
+  it = pipeline.make(config.data, "train", keys=s.system.data_spec().keys, seed=config.seed)
+  ids = [next(it)["example_index"].tolist() for _ in range(2)]
+  # A's state and data position (saved by 2 processes) onto 4: `it` moves to A's position.
+  state = ckpt.restore(s.state, it, step=STEPS)
   ckpt.close()
   # Whole arrays, each assembled from the shards of every process.
   full = multihost_utils.process_allgather(state, tiled=True)
   if me == 0:
     np.savez(os.path.join(out, "state.npz"), **_leaves(full))
-  # This process's Grain shard: one epoch = (16 examples / 4 processes) / host batch 2.
-  it = pipeline.make(config.data, "train", keys=s.system.data_spec().keys, seed=config.seed)
-  ids = [next(it)["example_index"].tolist() for _ in range(2)]
-  # The same state, saved by 4 processes.
+  # The same state and position, saved by 4 processes.
   saver = checkpointing.Checkpointer(os.path.join(workdir_b, "checkpoints"), async_save=False)
-  saver.save(STEPS, state, config=config)
+  saver.save(STEPS, state, it, config=config)
   saver.close()
+  # The batch this resume trains on next: its rows of A's global batch STEPS.
+  np.savez(os.path.join(out, f"next_{me}.npz"), **next(it))
   distributed.check_same_config(config)   # agreeing processes pass
   differing = copy.deepcopy(config)
   differing.seed = config.seed + me
@@ -130,7 +135,8 @@ def runs(tmp_path_factory):
   probes = [json.loads(open(os.path.join(out, f"process_{i}.json")).read()) for i in range(4)]
   return {"a": os.path.join(root, "a"), "b": os.path.join(root, "b"),
           "log_a": open(os.path.join(out, "log_a.txt")).read(), "probes": probes,
-          "state_b": dict(np.load(os.path.join(out, "state.npz")))}
+          "state_b": dict(np.load(os.path.join(out, "state.npz"))),
+          "next_b": [dict(np.load(os.path.join(out, f"next_{i}.npz"))) for i in range(4)]}
 
 
 @pytest.fixture(scope="module")
@@ -143,27 +149,33 @@ def replay():
   keys = s.system.data_spec().keys
   shards = [pipeline.make(config.data, "train", keys=keys, seed=config.seed, shard_index=p,
                           shard_count=2) for p in range(2)]
-  host = [[next(it) for it in shards] for _ in range(STEPS)]
+  host = [_concat([next(it) for it in shards]) for _ in range(STEPS)]
   # Where each shard stands after the run, and the batch it gives next.
   positions, following = [it.get_state() for it in shards], [next(it) for it in shards]
   state, losses, init = s.state, [], _leaves(s.state)
-  for parts in host:
-    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  for batch in host:
     state, metrics = s.train_step(state, s.batch(batch))
     losses.append(float(metrics["loss"]))
   return {"config": config, "setup": s, "state": jax.device_get(state), "losses": losses,
-          "init": init, "following": following, "positions": positions, "keys": keys}
+          "init": init, "following": following, "positions": positions, "keys": keys,
+          "ids": [b["example_index"].tolist() for b in host]}
 
 
-def _restore(workdir: str, s: trainer.Setup, mesh_shape) -> dict:
-  """A workdir's last state restored onto this process's 8 devices laid out as `mesh_shape`."""
+def _concat(parts) -> dict[str, np.ndarray]:
+  """Per-process batches side by side: the global batch."""
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _restore(workdir: str, s: trainer.Setup, mesh_shape, data_iter=None) -> dict:
+  """A workdir's last state restored onto this process's 8 devices laid out as `mesh_shape`
+  (and its data position onto `data_iter`, if given)."""
   mesh = sharding.make_mesh(mesh_shape)
   on_mesh = jax.tree.map(lambda x: jax.sharding.NamedSharding(mesh, x.spec), s.shardings,
                          is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
   target = checkpointing.abstract_like(s.state, on_mesh)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    return ckpt.restore(target, step=STEPS)
+    return ckpt.restore(target, data_iter, step=STEPS)
   finally:
     ckpt.close()
 
@@ -212,9 +224,11 @@ def test_checkpoint_restores_across_process_counts(runs, replay):
 
 
 def test_saved_data_position_gives_the_next_batch(runs, replay):
-  """Each process's saved Grain state is its shard's position after the last step: set on a
-  fresh iterator it yields exactly the batch an uninterrupted run would train on next."""
+  """Each process's saved Grain state is its shard's position after the last step (the global
+  batch position, the same for both): set on a fresh iterator it yields exactly the batch an
+  uninterrupted run would train on next."""
   config = replay["config"]
+  assert replay["positions"][0] == replay["positions"][1]
   for p in range(2):
     path = os.path.join(runs["a"], "checkpoints", str(STEPS), "data", f"process_{p}-of-2.json")
     saved = json.loads(open(path).read())
@@ -228,13 +242,35 @@ def test_saved_data_position_gives_the_next_batch(runs, replay):
       np.testing.assert_array_equal(nxt[k], want[k], err_msg=k)
 
 
-def test_each_process_reads_its_own_examples(runs):
+def test_resume_on_another_process_count_gives_the_next_batch(runs, replay):
+  """A (2 processes) resumed by 4 (run B) and by 1 (here), and B (4) resumed by 1: each draws
+  exactly the global batch run A would have trained on next."""
+  want = _concat(replay["following"])
+  got = {"2 -> 4": _concat(runs["next_b"])}
+  data = os.path.join(runs["b"], "checkpoints", str(STEPS), "data")
+  assert sorted(f for f in os.listdir(data) if f.endswith(".json")) == [
+      f"process_{i}-of-4.json" for i in range(4)]
+  config = replay["config"]
+  for name, workdir in (("2 -> 1", runs["a"]), ("4 -> 1", runs["b"])):
+    it = pipeline.make(config.data, "train", keys=replay["keys"], seed=config.seed)
+    _restore(workdir, replay["setup"], {"data": 8}, it)
+    got[name] = next(it)
+  for name, batch in got.items():
+    assert batch.keys() == want.keys(), name
+    for k in want:
+      np.testing.assert_array_equal(batch[k], want[k], err_msg=f"{name}: {k}")
+
+
+def test_each_process_reads_its_own_examples(runs, replay):
   probes = runs["probes"]
   assert [(p["processes"], p["devices"]) for p in probes] == [(4, 2)] * 4
   seen = [sorted(i for batch in p["ids"] for i in batch) for p in probes]
-  assert all(len(s) == 4 for s in seen), seen   # one epoch of a 4-example shard
+  assert all(len(s) == 4 for s in seen), seen   # 2 rows of each of 2 global batches
   flat = sorted(i for s in seen for i in s)
   assert flat == list(range(16)), seen          # no example twice, none left out
+  # The 4 processes' rows side by side are run A's (2 processes') global batches.
+  for step in range(2):
+    assert sum((p["ids"][step] for p in probes), []) == replay["ids"][step]
 
 
 def test_disagreeing_config_is_an_error(runs):

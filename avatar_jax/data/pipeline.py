@@ -11,6 +11,13 @@ whole batches across workers and reads them back in order, which makes the outpu
 the worker count, and the iterator state is a position that `get_state()/set_state()` and Grain's
 Orbax handler (`grain.checkpoint.CheckpointHandler`) save and restore exactly.
 
+Training has one global order, independent of the process count: all examples are shuffled and
+batched by the *global* batch size, and process p of n keeps rows `[p*B, (p+1)*B)` of every global
+batch (window offsets are drawn for the whole global batch, then sliced). Global batch k is a pure
+function of (config, seed, k), the processes' batches side by side in process order are the
+1-process batch, and the iterator state (the global batch position) is the same on every process,
+so a checkpoint resumes on any process count (`checkpointing.DataHandler`).
+
 Batches are made from *clips*: each example's requested keys prepared once over the whole clip
 (log-mels included), optionally kept in memory (`synthdyad.cache`). A window is then a slice of
 every key at its own rate, so a batch costs a few NumPy copies. Per-example keys of a batch
@@ -373,21 +380,29 @@ def _assemble(clips: Clips, items: Sequence[tuple[dict, int, int]], t: int) -> d
 
 
 class _TrainBatch(grain.transforms.RandomMap):
-  """Indices [B] -> batch; window offsets drawn from Grain's per-batch RNG (seed, position)."""
+  """Global indices [G] -> this host's batch: rows `rows` (a slice of length B) of the global one.
 
-  def __init__(self, clips: Clips, clip_frames: int):
-    self.clips, self.clip_frames = clips, clip_frames
+  Window offsets come from Grain's per-batch RNG (seed, global batch position): one draw for each
+  of the G rows, whichever rows this host keeps, so an example's window does not depend on the
+  process count. Only this host's clips are read.
+  """
+
+  def __init__(self, clips: Clips, clip_frames: int, rows: slice = slice(None)):
+    self.clips, self.clip_frames, self.rows = clips, clip_frames, rows
 
   def random_map(self, indices: np.ndarray, rng: np.random.Generator):
+    # Raw draws, reduced modulo each clip's number of offsets below: the range depends on the
+    # clip's length, which is known only for the clips read (bias ~ offsets / 2**62: none).
+    draws = rng.integers(0, 2**62, size=len(indices), dtype=np.int64)
     items, stride = [], self.clips.stride
-    for i in indices:
+    for i, d in zip(indices[self.rows], draws[self.rows]):
       clip = self.clips[i]
       n = clip["num_frames"]
       t = self.clip_frames or n
       if n < t:
         raise ValueError(f"example {int(i)} of {self.clips.source!r} has {n} frames, fewer "
                          f"than clip_frames={t}.")
-      items.append((clip, stride * int(rng.integers(0, (n - t) // stride + 1)), int(i)))
+      items.append((clip, stride * int(d % ((n - t) // stride + 1)), int(i)))
     return _assemble(self.clips, items, self.clip_frames)
 
 
@@ -469,6 +484,8 @@ def make(
       windows are deterministic (consecutive tiles, `config.eval_windows`), for evaluation.
     num_epochs: passes over the data; None repeats forever.
     shard_index, shard_count: this host's shard; default `jax.process_index()/process_count()`.
+      Training: rows `[i*B, (i+1)*B)` of each global batch (one order for any shard_count, see
+      the module docstring). Evaluation: every shard_count-th window.
 
   Returns:
     A `grain.DatasetIterator` with `get_state()/set_state()`. Train-mode batches drop the
@@ -488,27 +505,35 @@ def make(
                      "frames per row of the slowest requested key.")
 
   if shuffle:
-    examples = np.arange(len(data))[shard_index::shard_count]
-    if len(examples) < host_batch:
+    # Every process's rows of a global batch can be any example, so each one reads (and caches)
+    # all of them; see `_TrainBatch`.
+    examples = np.arange(len(data))
+    if len(examples) < config.batch_size:
       raise ValueError(
-          f"Split {split!r} shard has {len(examples)} examples < host batch {host_batch}.")
-  else:
+          f"Split {split!r} has {len(examples)} examples < global batch {config.batch_size} "
+          f"(host batch {host_batch} x {shard_count} shards).")
+  else:  # evaluation keeps per-shard windows: each shard reads only its own
     windows = _eval_windows(data.source, t, config.eval_windows, data.stride)
     windows = windows[shard_index::shard_count]
     examples = np.unique(windows[:, 0])
   if data.cache is not None:
     # Filled now rather than lazily: in example order (cheaper), over `worker_count` processes,
     # and before the prefetch workers start, so each of them gets the whole cache instead of
-    # filling its own share again.
+    # filling its own share again. `examples` is what this process can touch: every example in
+    # training (its rows of a global batch can be any), its own shard's in evaluation.
     start = time.perf_counter()
     data.fill(examples, processes=int(config.worker_count))
     logging.info("Cached %d clips of %s/%s in %.1f s.", len(examples), config.source, split,
                  time.perf_counter() - start)
 
   if shuffle:
+    # One global order whatever the process count: global batches of indices (G ints each, cheap
+    # on every process), then one transform per batch that keeps this host's contiguous rows, in
+    # process order as `to_global` lays them out. Per-example Python stays minimal.
+    rows = slice(shard_index * host_batch, (shard_index + 1) * host_batch)
     ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(num_epochs)
-    # Batch indices first, then one transform per batch: per-example Python stays minimal.
-    ds = ds.batch(host_batch, drop_remainder=True).random_map(_TrainBatch(data, t), seed=seed)
+    ds = ds.batch(config.batch_size, drop_remainder=True).random_map(
+        _TrainBatch(data, t, rows), seed=seed)
   else:
     ds = grain.MapDataset.source(windows).repeat(num_epochs)
     ds = ds.batch(host_batch, drop_remainder=False).map(_EvalBatch(data, t))
