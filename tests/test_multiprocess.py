@@ -1,12 +1,15 @@
 """Several JAX processes on CPU (jax.distributed with a localhost coordinator), the real trainer:
 
   run A  launch/local/train.sh, 2 processes x 4 devices, mesh data=2 x fsdp=4: 4 steps, then saves
+  one    between the launches, here (1 process x 8 devices): restores A's step 4 (state and data
+         position) and saves both again, a checkpoint written by one process
   run B  this file as a program, 4 processes x 2 devices, mesh fsdp=8: records each process's
          first Grain examples, restores A's step 4 (state and data position), saves both again,
-         records the batch it resumes with, and checks the config-agreement error
+         records the batch it resumes with, restores the one-process checkpoint likewise, and
+         checks the config-agreement error
   here   1 process x 8 devices: replays A's global batches (the two per-process Grain shards side by
-         side) and compares losses, parameters, data positions, both checkpoints, and the batch
-         each resume on another process count (2 -> 4, 2 -> 1, 4 -> 1) draws next.
+         side) and compares losses, parameters, data positions, the three checkpoints, and the
+         batch each resume on another process count (2 -> 4, 2 -> 1, 4 -> 1, 1 -> 4) draws next.
 
 Process start, jax import and compilation cost seconds each, so the two launches do every check.
 """
@@ -62,7 +65,7 @@ def _leaves(tree) -> dict[str, np.ndarray]:
 
 
 # ============================================================================ run B (a program)
-def probe(workdir_a: str, workdir_b: str, out: str) -> None:
+def probe(workdir_a: str, workdir_b: str, workdir_one: str, out: str) -> None:
   """One process of run B (4 x 2 devices): everything it finds goes to `out`/process_<i>.*."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   assert distributed.initialize() == "explicit"
@@ -86,6 +89,14 @@ def probe(workdir_a: str, workdir_b: str, out: str) -> None:
   saver.close()
   # The batch this resume trains on next: its rows of A's global batch STEPS.
   np.savez(os.path.join(out, f"next_{me}.npz"), **next(it))
+  # The same state and position saved by one process (the fixture), restored onto 4.
+  it_one = pipeline.make(config.data, "train", keys=s.system.data_spec().keys, seed=config.seed)
+  one = checkpointing.Checkpointer(os.path.join(workdir_one, "checkpoints"))
+  from_one = multihost_utils.process_allgather(one.restore(s.state, it_one, step=STEPS), tiled=True)
+  one.close()
+  if me == 0:
+    np.savez(os.path.join(out, "state_from_one.npz"), **_leaves(from_one))
+  np.savez(os.path.join(out, f"next_from_one_{me}.npz"), **next(it_one))
   distributed.check_same_config(config)   # agreeing processes pass
   differing = copy.deepcopy(config)
   differing.seed = config.seed + me
@@ -103,7 +114,7 @@ def probe(workdir_a: str, workdir_b: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   def launch(root):
-    a, b, out = (os.path.join(root, n) for n in ("a", "b", "probe"))
+    a, b, one, out = (os.path.join(root, n) for n in ("a", "b", "one", "probe"))
     os.makedirs(out)
     env = _env(tmp_path_factory, 4)
     env.update(PROCS="2", PORT=str(_free_port()))
@@ -115,9 +126,22 @@ def runs(tmp_path_factory):
       f.write(run_a.stdout + run_a.stderr)
     assert run_a.returncode == 0, (run_a.stdout + run_a.stderr)[-4000:]
 
+    # A one-process checkpoint for B to restore (1 -> 4) without another launch: A's step 4
+    # (state and data position) restored here onto 1 x 8 devices and saved again.
+    ckpt = checkpointing.Checkpointer(os.path.join(a, "checkpoints"))
+    config = ckpt.restore_config()
+    ckpt.close()
+    s = trainer.setup(config, sharding.make_mesh(MESH_A), fit=False, init_from=False,
+                      abstract=True)
+    it = pipeline.make(config.data, "train", keys=s.system.data_spec().keys, seed=config.seed)
+    state = _restore(a, s, {"data": 2, "fsdp": 2, "tensor": 2}, it)
+    saver = checkpointing.Checkpointer(os.path.join(one, "checkpoints"), async_save=False)
+    saver.save(STEPS, state, it, config=config)
+    saver.close()
+
     env = _env(tmp_path_factory, 2)
     env.update(AVATAR_COORDINATOR=f"localhost:{_free_port()}", AVATAR_NUM_PROCESSES="4")
-    procs = [subprocess.Popen([sys.executable, __file__, a, b, out], cwd=harness.REPO,
+    procs = [subprocess.Popen([sys.executable, __file__, a, b, one, out], cwd=harness.REPO,
                               env={**env, "AVATAR_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(4)]
     try:
@@ -134,9 +158,13 @@ def runs(tmp_path_factory):
   out = os.path.join(root, "probe")
   probes = [json.loads(open(os.path.join(out, f"process_{i}.json")).read()) for i in range(4)]
   return {"a": os.path.join(root, "a"), "b": os.path.join(root, "b"),
+          "one": os.path.join(root, "one"),
           "log_a": open(os.path.join(out, "log_a.txt")).read(), "probes": probes,
           "state_b": dict(np.load(os.path.join(out, "state.npz"))),
-          "next_b": [dict(np.load(os.path.join(out, f"next_{i}.npz"))) for i in range(4)]}
+          "next_b": [dict(np.load(os.path.join(out, f"next_{i}.npz"))) for i in range(4)],
+          "state_from_one": dict(np.load(os.path.join(out, "state_from_one.npz"))),
+          "next_from_one": [dict(np.load(os.path.join(out, f"next_from_one_{i}.npz")))
+                            for i in range(4)]}
 
 
 @pytest.fixture(scope="module")
@@ -213,14 +241,20 @@ def test_two_processes_step_like_one_process(runs, replay):
 
 
 def test_checkpoint_restores_across_process_counts(runs, replay):
-  """A (2 x 4) restored by 4 x 2 processes, and B (saved by 4 x 2) restored here: same arrays."""
+  """A (2 x 4) restored by 4 x 2 processes, B (saved by 4 x 2) restored here, and the checkpoint
+  saved by 1 process restored here and by 4 x 2 processes: same arrays."""
+  data = os.path.join(runs["one"], "checkpoints", str(STEPS), "data")
+  assert sorted(f for f in os.listdir(data) if f.endswith(".json")) == ["process_0-of-1.json"]
   a_here = _leaves(_restore(runs["a"], replay["setup"], {"fsdp": 8}))
   b_here = _leaves(_restore(runs["b"], replay["setup"], {"data": 2, "fsdp": 2, "tensor": 2}))
-  a_on_four = runs["state_b"]
-  assert a_here.keys() == b_here.keys() == a_on_four.keys()
+  one_here = _leaves(_restore(runs["one"], replay["setup"], {"data": 8}))
+  a_on_four, one_on_four = runs["state_b"], runs["state_from_one"]
+  assert a_here.keys() == b_here.keys() == a_on_four.keys() == one_here.keys() == one_on_four.keys()
   for k in a_here:
     np.testing.assert_array_equal(a_on_four[k], a_here[k], err_msg=k)
     np.testing.assert_array_equal(b_here[k], a_here[k], err_msg=k)
+    np.testing.assert_array_equal(one_here[k], a_here[k], err_msg=k)
+    np.testing.assert_array_equal(one_on_four[k], one_here[k], err_msg=f"1 -> 4: {k}")
 
 
 def test_saved_data_position_gives_the_next_batch(runs, replay):
@@ -243,10 +277,11 @@ def test_saved_data_position_gives_the_next_batch(runs, replay):
 
 
 def test_resume_on_another_process_count_gives_the_next_batch(runs, replay):
-  """A (2 processes) resumed by 4 (run B) and by 1 (here), and B (4) resumed by 1: each draws
-  exactly the global batch run A would have trained on next."""
+  """A (2 processes) resumed by 4 (run B) and by 1 (here), B (4) resumed by 1, and the 1-process
+  save of A's position resumed by 4 (run B): each draws exactly the global batch run A would have
+  trained on next (the resuming processes' rows side by side)."""
   want = _concat(replay["following"])
-  got = {"2 -> 4": _concat(runs["next_b"])}
+  got = {"2 -> 4": _concat(runs["next_b"]), "1 -> 4": _concat(runs["next_from_one"])}
   data = os.path.join(runs["b"], "checkpoints", str(STEPS), "data")
   assert sorted(f for f in os.listdir(data) if f.endswith(".json")) == [
       f"process_{i}-of-4.json" for i in range(4)]
@@ -322,4 +357,4 @@ def test_slurm_tasks_that_cannot_share_the_gpus():
 
 
 if __name__ == "__main__":
-  probe(*sys.argv[1:4])
+  probe(*sys.argv[1:5])
