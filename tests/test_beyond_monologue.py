@@ -21,6 +21,14 @@ import trainer_harness as harness
 # One worker runs this module, so its VAE, latents and trained DiT are built once.
 pytestmark = pytest.mark.xdist_group("beyond_monologue")
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """Every program this module compiles (trainer initialisers and steps, samplers, evaluators)
+  skips LLVM's optimisation: most of the CPU compile time, nothing gained at these sizes."""
+  with harness.fast_compile():
+    yield
+
+
 
 def _config(name, arg):
   spec = importlib.util.spec_from_file_location(

@@ -25,6 +25,14 @@ import trainer_harness as harness
 
 # Its trained workdirs are built once per module, on one worker.
 pytestmark = pytest.mark.xdist_group("echo")
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """Every program this module compiles (trainer initialisers and steps, samplers, evaluators)
+  skips LLVM's optimisation: most of the CPU compile time, nothing gained at these sizes."""
+  with harness.fast_compile():
+    yield
+
 _config = harness.load_config
 # LLVM optimisation is most of the CPU compile time and buys nothing at these sizes.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -23,11 +23,21 @@ from jax.experimental.pallas import tpu as pltpu
 
 from avatar_jax.kernels.gaussian_attention import api, common, reference, sharded
 
+import trainer_harness as harness
+
 INV_MAX = 1e18  # the documented clamp of 1/(2σ²)
 # NaN-filled uninitialised buffers: unwritten output blocks cannot pass the checks below.
 TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
 
 _GPU_SPEC = importlib.util.find_spec("avatar_jax.kernels.gaussian_attention.pallas_gpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """The interpret-mode kernels are large programs; LLVM's optimisation of them (most of their
+  CPU compile time) buys nothing at these sizes."""
+  with harness.fast_compile():
+    yield
 
 
 def _gpu_module():

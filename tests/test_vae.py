@@ -13,6 +13,8 @@ from flax import nnx
 
 from avatar_jax.models import vae
 
+import trainer_harness as harness
+
 # A tiny AutoencoderKLWan: the published topology (4 levels, 8× space, 4× time), 8 base channels.
 # One video shape for the parity, chunking and causality tests, so they share compilations:
 # 13 frames = 4 latent frames (chunk 2 then leaves a remainder), non-square 16×24 pixels.
@@ -322,6 +324,11 @@ def test_trains_evaluates_and_pre_encodes_latents(tmp_path):
   """configs/vae_synthdyad.py through the one trainer (tiny, a few steps), its reconstruction
   evaluator, then the encode job: whole-clip latents (+ log-mels) stored as an `arrays` dataset
   that equal the trained model's normalised posterior means, read back in windows."""
+  with harness.fast_compile():   # the trainer's initialiser, step, evaluator and encoder
+    _trains_evaluates_and_pre_encodes_latents(tmp_path)
+
+
+def _trains_evaluates_and_pre_encodes_latents(tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
   from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
   from avatar_jax.data import arrays, encoding, pipeline  # pylint: disable=g-import-not-at-top

@@ -7,6 +7,7 @@ of a given program pays for compilation.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import os
@@ -107,6 +108,21 @@ def trained_workdir(tmp_path_factory) -> str:
   return built_once(tmp_path_factory, "trained", build)
 
 
+@contextlib.contextmanager
+def fast_compile():
+  """In-process counterpart of subprocess_env's XLA flags: every program compiled inside (the
+  trainer's initialiser and step, evaluators, encoders) skips LLVM's optimisation, which is most
+  of the CPU compile time and buys nothing at the tests' sizes. Restored on exit, so tests
+  elsewhere compile as before."""
+  import jax  # pylint: disable=g-import-not-at-top
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
 def load_config(name: str, arg: str = ""):
   """configs/<name>.py's `get_config(arg)`."""
   spec = importlib.util.spec_from_file_location(f"{name}_config",
@@ -148,9 +164,10 @@ def video_latents(tmp_path_factory) -> tuple[str, str]:
     c.data.synthdyad.duration_s = 1.6
     c.evals = {}
     c.train.progress_bar = False
-    trainer.train_and_evaluate(c, os.path.join(path, "vae"))
-    encoding.encode(c, os.path.join(path, "latents"), os.path.join(path, "vae"), shard_size=8,
-                    batch_size=4, progress=False)
+    with fast_compile():
+      trainer.train_and_evaluate(c, os.path.join(path, "vae"))
+      encoding.encode(c, os.path.join(path, "latents"), os.path.join(path, "vae"), shard_size=8,
+                      batch_size=4, progress=False)
 
   root = built_once(tmp_path_factory, "video_latents", build)
   return os.path.join(root, "vae"), os.path.join(root, "latents")
@@ -166,7 +183,8 @@ def streaming_workdir(tmp_path_factory) -> str:
     c.data.split_sizes.train, c.data.split_sizes.test = 16, 2
     c.evals = {}
     c.train.progress_bar, c.train.stats_batches = False, 1
-    trainer.train_and_evaluate(c, path)
+    with fast_compile():
+      trainer.train_and_evaluate(c, path)
 
   return built_once(tmp_path_factory, "streaming", build)
 
