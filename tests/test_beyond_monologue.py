@@ -21,12 +21,8 @@ import trainer_harness as harness
 # One worker runs this module, so its VAE, latents and trained DiT are built once.
 pytestmark = pytest.mark.xdist_group("beyond_monologue")
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """Every program this module compiles (trainer initialisers and steps, samplers, evaluators)
-  skips LLVM's optimisation: most of the CPU compile time, nothing gained at these sizes."""
-  with harness.fast_compile():
-    yield
+# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
+_fast_compile = harness.fast_compile_module()
 
 
 

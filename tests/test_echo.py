@@ -26,12 +26,8 @@ import trainer_harness as harness
 # Its trained workdirs are built once per module, on one worker.
 pytestmark = pytest.mark.xdist_group("echo")
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """Every program this module compiles (trainer initialisers and steps, samplers, evaluators)
-  skips LLVM's optimisation: most of the CPU compile time, nothing gained at these sizes."""
-  with harness.fast_compile():
-    yield
+# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
+_fast_compile = harness.fast_compile_module()
 
 _config = harness.load_config
 # LLVM optimisation is most of the CPU compile time and buys nothing at these sizes.

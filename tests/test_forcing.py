@@ -19,12 +19,8 @@ from avatar_jax.models.motion import forcing
 import trainer_harness as harness
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """Every program this module compiles (trainer initialisers and steps, samplers, evaluators)
-  skips LLVM's optimisation: most of the CPU compile time, nothing gained at these sizes."""
-  with harness.fast_compile():
-    yield
+# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
+_fast_compile = harness.fast_compile_module()
 
 
 def _config(arg=""):

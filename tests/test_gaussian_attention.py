@@ -32,12 +32,8 @@ TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_
 _GPU_SPEC = importlib.util.find_spec("avatar_jax.kernels.gaussian_attention.pallas_gpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """The interpret-mode kernels are large programs; LLVM's optimisation of them (most of their
-  CPU compile time) buys nothing at these sizes."""
-  with harness.fast_compile():
-    yield
+# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
+_fast_compile = harness.fast_compile_module()
 
 
 def _gpu_module():

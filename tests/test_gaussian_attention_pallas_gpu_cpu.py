@@ -19,11 +19,8 @@ from avatar_jax.kernels.gaussian_attention import common, pallas_gpu, reference
 import trainer_harness as harness
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """The interpreter's programs are large; LLVM's optimisation of them buys nothing here."""
-  with harness.fast_compile():
-    yield
+# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
+_fast_compile = harness.fast_compile_module()
 
 
 def test_position_vectors_reproduce_gaussian_term():

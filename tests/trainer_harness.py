@@ -123,6 +123,18 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", old)
 
 
+def fast_compile_module():
+  """An autouse module fixture running the whole module under `fast_compile`:
+  `_fast_compile = harness.fast_compile_module()` at a test module's top level."""
+  import pytest  # pylint: disable=g-import-not-at-top
+
+  @pytest.fixture(scope="module", autouse=True)
+  def _fixture():
+    with fast_compile():
+      yield
+  return _fixture
+
+
 def load_config(name: str, arg: str = ""):
   """configs/<name>.py's `get_config(arg)`."""
   spec = importlib.util.spec_from_file_location(f"{name}_config",
