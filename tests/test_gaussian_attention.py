@@ -497,6 +497,41 @@ def test_auto_dispatch_on_cpu():
   assert api.resolve_implementation("auto", 8, 16, 8192, 8192) == "xla_chunked"
 
 
+def test_auto_dispatch_on_hopper_keeps_head_dims_the_gpu_kernel_fits(monkeypatch):
+  monkeypatch.setattr(api, "target_platform", lambda: "gpu")
+  monkeypatch.setattr(api, "_is_hopper", lambda: True)
+  monkeypatch.setattr(api, "_gpu_module_available", lambda: True)
+  pick = lambda d, dtype=jnp.bfloat16: api.resolve_implementation("auto", 2, 4, 256, 256, d, dtype)
+  assert [pick(d) for d in (32, 64, 128, 192, 256)] == ["xla", "pallas_gpu", "pallas_gpu", "xla",
+                                                        "xla"]
+  assert pick(64, jnp.float32) == "xla"
+
+
+@pytest.mark.parametrize("d", [64, 128, 192])
+def test_pallas_gpu_fits_hopper_shared_memory(d):
+  """Both passes lower for CUDA (Mosaic GPU checks shared memory against the 227 KB of a Hopper
+  CTA when no GPU is attached) at every head dim `auto` sends to the kernel; other dims are
+  refused with the reason before Mosaic's own error (which a B-size Q-Former's 192 once hit)."""
+  b, nq, nk, h = 2, 200, 300, 2
+  q = jnp.zeros((b, nq, h, d), jnp.bfloat16)
+  k = jnp.zeros((b, nk, h, d), jnp.bfloat16)
+  tq, tk, sig = jnp.zeros((b, nq)), jnp.zeros((b, nk)), jnp.ones((h,))
+
+  def f(q, k, v, sig):
+    out = api.gaussian_attention(q, k, v, tq, tk, sig, implementation="pallas_gpu",
+                                 q_segment_ids=jnp.ones((b, nq), jnp.int32),
+                                 kv_segment_ids=jnp.ones((b, nk), jnp.int32))
+    return out.astype(jnp.float32).sum()
+
+  for fn in (f, jax.grad(f, argnums=(0, 1, 2, 3))):
+    lower = lambda: jax.jit(fn).trace(q, k, k, sig).lower(lowering_platforms=("cuda",))
+    if d in (64, 128):
+      assert "mosaic_gpu" in lower().as_text()
+    else:
+      with pytest.raises(ValueError, match="head dims .*shared memory"):
+        lower()
+
+
 def test_input_validation():
   x = make_inputs(0, b=1, nq=8, nk=10, h=4, hkv=2, d=16, dtype=jnp.float32)
   q, k, v, tq, tk = x["q"], x["k"], x["v"], x["tq"], x["tk"]

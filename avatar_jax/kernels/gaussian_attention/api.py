@@ -69,10 +69,12 @@ def _gpu_module_available() -> bool:
 
 
 def _gpu_kernel_fits(d: int | None, dtype) -> bool:
-  """Shapes and dtypes the Mosaic-GPU kernel handles (16-bit wgmma, head dim a multiple of 64)."""
+  """Shapes and dtypes the Mosaic-GPU kernel handles: 16-bit wgmma, head dim 64 or 128 (its
+  tiles at 192 or 256 need more shared memory than a Hopper CTA has; pallas_gpu.HEAD_DIMS)."""
   if d is None or dtype is None:
     return True
-  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and d % 64 == 0 and d <= 256
+  from avatar_jax.kernels.gaussian_attention import pallas_gpu  # pylint: disable=g-import-not-at-top
+  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and d in pallas_gpu.HEAD_DIMS
 
 
 def _is_hopper() -> bool:

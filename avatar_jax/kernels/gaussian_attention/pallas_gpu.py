@@ -85,6 +85,11 @@ _DEFAULT_BLOCKS = dict(block_q=64, block_kv=128, num_stages=2, regs=240, regs_bw
                        block_q_dq=64, block_kv_dq=128, block_q_dkv=64, block_kv_dkv=64,
                        num_stages_bwd=2, sm_margin=0)
 _SWITCHES = ("affine_k", "l_mma")  # 0 or 1
+# Head dims the kernel takes. Its tiles at d = 192 and 256 ask for 305 and 404 KB of shared
+# memory (forward, default tiles; Mosaic GPU's own count when lowering for CUDA), over the
+# 227 KB a Hopper CTA has, so `auto` sends those to XLA (tests/test_gaussian_attention.py lowers
+# both passes for CUDA at every dim listed here).
+HEAD_DIMS = (64, 128)
 _DEFAULT_BLOCKS_SMALL_D = dict(block_q=128, block_kv=64)
 # The CPU interpreter's cost grows with padded work, not with launch count: smallest tiles.
 _DEFAULT_BLOCKS_INTERPRET = dict(block_q=64, block_kv=64, block_kv_dq=64)
@@ -356,8 +361,10 @@ class _Prep:
     self.nk, self.hkv = k.shape[1], k.shape[2]
     if self.h % self.hkv:
       raise ValueError(f"q has {self.h} heads and k/v {self.hkv}: expected H % Hkv == 0")
-    if self.d % 64 or self.d > 256:
-      raise ValueError(f"pallas_gpu needs a head dim that is a multiple of 64 (<= 256), got {self.d}")
+    if self.d not in HEAD_DIMS:
+      raise ValueError(f"pallas_gpu takes head dims {HEAD_DIMS}, got {self.d}: at 192 and 256 its "
+                       "tiles exceed a Hopper CTA's 227 KB of shared memory; use "
+                       "implementation='xla' or 'auto' (which picks XLA there)")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"pallas_gpu needs bfloat16 or float16 q/k/v, got {q.dtype}")
     if not float(scale) > 0:
