@@ -11,9 +11,13 @@ video (21 × 480×832 = 81 frames, 32,760 tokens), batch 1, random weights. Rows
   ours (xla) / ours (cudnn)   models/dit.py, float32 parameters, bf16 compute, self-attention by
                               jax.nn.dot_product_attention(implementation=...), one jit of
                               value_and_grad of mean(out²)
+  ours (cudnn, remat)         the same with every block rematerialised (`--remat off,on`), the
+                              like-for-like row for diffusers with gradient checkpointing
   diffusers                   WanTransformer3DModel of the same shape (dit.diffusers_config),
                               float32 parameters under torch.autocast(bf16), SDPA attention,
-                              loss.backward() of the same loss
+                              loss.backward() of the same loss; when that runs out of memory
+                              (it does at the 1.3B shape on a 141-GB H200), once more with
+                              diffusers' gradient checkpointing, as "diffusers (grad ckpt)"
 Part "bm": the Beyond Monologue model of configs/bm_synthdyad.py at `--bm_size`/`--bm_res`
 (its training loss on random latents and log-mels, batch `--bm_batch`), one row per
 implementation of the audio cross-attention: fused (our Pallas kernel), xla (materialised bias,
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 
@@ -96,9 +101,10 @@ def wan_rows(args) -> list[dict]:
   # keeps what our rows used, which left diffusers out of memory at the 1.3B shape.
   rows = diffusers_rows(args, cfg, x, ts, text, tokens)
   flops = float("nan")
-  for impl in args.attn:
+  for impl, remat in [(i, r) for r in getattr(args, "remat", ["off"]) for i in args.attn]:
     c = cfg.copy_and_resolve_references()
-    c.attention_impl = impl
+    c.attention_impl, c.remat = impl, remat == "on"
+    name = f"ours ({impl}, remat)" if c.remat else f"ours ({impl})"
     model = dit.DiT(c, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
 
@@ -109,7 +115,7 @@ def wan_rows(args) -> list[dict]:
     step = jax.jit(jax.value_and_grad(loss))
     if np.isnan(flops):                    # the model's FLOPs, from its XLA-attention lowering
       c_xla = c.copy_and_resolve_references()
-      c_xla.attention_impl = "xla"
+      c_xla.attention_impl, c_xla.remat = "xla", False
       g_xla, p_xla = nnx.split(dit.DiT(c_xla, rngs=nnx.Rngs(0)))
       lowered = jax.jit(jax.value_and_grad(functools.partial(loss, graphdef=g_xla))).lower(
           p_xla, x, ts, text)
@@ -120,20 +126,20 @@ def wan_rows(args) -> list[dict]:
     try:
       compiled = step.lower(params, x, ts, text).compile()
     except Exception as e:  # pylint: disable=broad-except  (cuDNN unavailable on CPU)
-      print(f"| wan {args.preset} | ours ({impl}) | skipped: {type(e).__name__}: {str(e)[:80]} |",
+      print(f"| wan {args.preset} | {name} | skipped: {type(e).__name__}: {str(e)[:80]} |",
             flush=True)
       continue
     s = timed_or_none(lambda: compiled(params, x, ts, text), jax_sync, args,
-                      f"wan {args.preset} | ours ({impl})")
+                      f"wan {args.preset} | {name}")
     if s is None:
       del model, params, compiled
       continue
     rows.append(dict(part="wan", shape=args.preset, tokens=tokens, batch=b,
-                     impl=f"ours ({impl})", ms=s * 1e3, flops=flops))
+                     impl=name, ms=s * 1e3, flops=flops))
     print_row(rows[-1], args, flush=True)
     del model, params, compiled
   for r in rows:
-    if r["impl"] == "diffusers":           # scored on our model's FLOPs, known only now
+    if r["impl"].startswith("diffusers"):  # scored on our model's FLOPs, known only now
       r["flops"] = flops
       print_row(r, args, flush=True)
   return rows
@@ -167,12 +173,26 @@ def diffusers_rows(args, cfg, x, ts, text, tokens) -> list[dict]:
     loss.backward()
     return loss
 
-  s = timed_or_none(ref_step, sync, args, f"wan {args.preset} | diffusers")
+  def free():
+    ref.zero_grad(set_to_none=True)
+    gc.collect()   # the out-of-memory traceback's frames hold the autograd graph until collected
+    if dev == "cuda":
+      torch.cuda.empty_cache()
+
+  impl = "diffusers"
+  s = timed_or_none(ref_step, sync, args, f"wan {args.preset} | {impl}")
+  if s is None:
+    free()
+    ref.enable_gradient_checkpointing()
+    impl = "diffusers (grad ckpt)"
+    s = timed_or_none(ref_step, sync, args, f"wan {args.preset} | {impl}")
+  free()
   del ref, xt, tt, et
+  gc.collect()
   if dev == "cuda":
     torch.cuda.empty_cache()
   return [] if s is None else [dict(part="wan", shape=args.preset, tokens=tokens, batch=b,
-                                    impl="diffusers", ms=s * 1e3)]
+                                    impl=impl, ms=s * 1e3)]
 
 
 
@@ -250,6 +270,7 @@ def main(argv=None):
   ap.add_argument("--res", default="480x832")
   ap.add_argument("--text_len", type=int, default=512)
   ap.add_argument("--attn", default="cudnn,xla", help="ours: self-attention implementations")
+  ap.add_argument("--remat", default="off,on", help="ours: without / with per-block remat")
   ap.add_argument("--bm_size", default="B")
   ap.add_argument("--bm_res", type=int, default=128)
   ap.add_argument("--bm_batch", type=int, default=32)
@@ -260,6 +281,9 @@ def main(argv=None):
   ap.add_argument("--out_md", default="")
   args = ap.parse_args(argv)
   args.attn = [a for a in args.attn.split(",") if a]
+  args.remat = [r for r in args.remat.split(",") if r]
+  if set(args.remat) - {"off", "on"}:
+    ap.error(f"--remat takes off and/or on, got {args.remat}")
   args.bm_attn = [a for a in args.bm_attn.split(",") if a]
   dev = jax.devices()[0]
   args.matmul_tflops = matmul_tflops(8192 if dev.platform == "gpu" else 512)

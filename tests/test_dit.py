@@ -310,17 +310,34 @@ def test_dit_step_benchmark_rows_on_cpu():
   import argparse  # pylint: disable=g-import-not-at-top
   from benchmarks import dit_step  # pylint: disable=g-import-not-at-top
   args = argparse.Namespace(preset="tiny", frames=3, res="32x32", text_len=8, attn=["xla"],
-                            reps=1, warmup=1, peak_tflops=989.0, matmul_tflops=1.0)
+                            remat=["off", "on"], reps=1, warmup=1, peak_tflops=989.0,
+                            matmul_tflops=1.0)
   rows = dit_step.wan_rows(args)
   ours = [r for r in rows if r["impl"] == "ours (xla)"]
   assert len(ours) == 1 and ours[0]["ms"] > 0
   assert np.isfinite(ours[0]["flops"]) and ours[0]["flops"] > 0
+  # The remat row is scored on the same model FLOPs (recomputation is not useful work).
+  remat = [r for r in rows if r["impl"] == "ours (xla, remat)"]
+  assert len(remat) == 1 and remat[0]["ms"] > 0 and remat[0]["flops"] == ours[0]["flops"]
   ref = [r for r in rows if r["impl"] == "diffusers"]
   try:
     import diffusers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     assert len(ref) == 1 and ref[0]["flops"] == ours[0]["flops"]
   except ImportError:
     assert not ref
+
+  try:   # diffusers out of memory: the row comes from a second run with gradient checkpointing
+    import diffusers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    real = dit_step.timed_or_none
+    fake = lambda fn, sync, a, label: None if label.endswith("| diffusers") else real(fn, sync, a,
+                                                                                       label)
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(dit_step, "timed_or_none", fake)
+      a2 = argparse.Namespace(**{**vars(args), "remat": ["off"]})
+      ckpt = [r for r in dit_step.wan_rows(a2) if r["impl"].startswith("diffusers")]
+    assert [r["impl"] for r in ckpt] == ["diffusers (grad ckpt)"] and ckpt[0]["ms"] > 0
+  except ImportError:
+    pass
 
   def oom():
     raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.58TiB")
