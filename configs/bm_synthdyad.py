@@ -85,5 +85,9 @@ def get_config(arg=None):
       sample=runner.evaluator("video", split="test", at_end=True),
       test=runner.evaluator("synthdyad", split="test,ood", num_clips=arg.eval_clips,
                             batch_size=4, at_end=True),
+      # Minute-long clips, per 10-s segment: drift (FD-face) and window seams (evals/long_video.py);
+      # `python -m avatar_jax.evaluate --workdir W --evals long`.
+      long=runner.evaluator("long_video", split="test", num_clips=2, batch_size=1,
+                            duration_s=60.0, segment_s=10.0, at_end=False),
   ) if vae_dir else {}
   return config_lib.lock(c)

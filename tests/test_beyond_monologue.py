@@ -145,3 +145,41 @@ def test_sample_from_wavs_and_a_reference_image(trained, tmp_path):
   assert frames.shape == (29, 32, 32, 3) and os.path.getsize(out) > 0
   with pytest.raises(FileNotFoundError, match="does not exist"):
     media.read_image(tmp_path / "missing.png")
+
+
+def test_seam_frames_and_seam_jump():
+  from avatar_jax.evals import long_video  # pylint: disable=g-import-not-at-top
+  # 10 latent rows, windows of 4 overlapping by 1 (test above): new rows begin at 4 and 7, i.e.
+  # video frames 13 and 25 follow frames 12 and 24.
+  np.testing.assert_array_equal(long_video.seam_frames(10, 4, 1, 4), [12, 24])
+  np.testing.assert_array_equal(long_video.seam_frames(15, 4, 2, 4), [12, 20, 28, 36, 44, 52])
+  assert long_video.seam_frames(4, 8, 2, 4).size == 0          # one window: no seam
+  r = np.random.default_rng(0)
+  smooth = np.cumsum(r.normal(0, 1, (37, 4, 4, 3)), axis=0)
+  seams = np.array([12, 24])
+  assert 0.3 < long_video.seam_jump(smooth, seams) < 3.0
+  jumpy = smooth.copy()
+  jumpy[13:] += 40.0
+  jumpy[25:] -= 40.0
+  assert long_video.seam_jump(jumpy, seams) > 10.0
+  assert np.isnan(long_video.seam_jump(smooth, np.array([], np.int64)))
+
+
+def test_long_video_segments(trained):
+  """The `long` evaluator on clips 2.4 s long (15 latent rows: 7 windows of 4 rows overlapping
+  by 2) in 0.8-s segments: one row of metrics per segment, the seams of the stitched windows."""
+  system, model, config, step = trainer.restore_model(trained)
+  res = runner.run(system, model, config, trained, step=step, only=["long"], force=True,
+                   overrides=dict(duration_s=2.4, segment_s=0.8))
+  out = res["long"]["test"]
+  segs, summary = out["segments"], out["summary"]
+  # 15 latent rows decode to 1 + 4·14 = 57 frames: the last segment ends at 2.28 s.
+  assert [(s["start_s"], s["end_s"]) for s in segs] == pytest.approx(
+      [(0.0, 0.8), (0.8, 1.6), (1.6, 2.28)])
+  for s in segs:
+    assert np.isfinite(s["fd_face"]) and s["fd_face"] > 0 and np.isfinite(s["jaw_leak"])
+  assert summary["windows"] == 7 and summary["clips"] == 2
+  assert np.isfinite(summary["seam_jump"]) and np.isfinite(summary["seam_jump_truth"])
+  assert summary["fd_growth"] == pytest.approx(segs[-1]["fd_face"] / segs[0]["fd_face"])
+  with open(os.path.join(trained, "eval", "long_test.md")) as f:
+    assert "seam_jump" in f.read()

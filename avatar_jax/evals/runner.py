@@ -111,7 +111,7 @@ def evaluator(type_name: str, **fields) -> ml_collections.ConfigDict:
 
 def _import_evaluators():
   # The modules register their types on import.
-  from avatar_jax.evals import motion, reconstruction, samples  # pylint: disable=g-import-not-at-top,unused-import
+  from avatar_jax.evals import long_video, motion, reconstruction, samples  # pylint: disable=g-import-not-at-top,unused-import
 
 
 def declared(config: ml_collections.ConfigDict, system: system_lib.System | None = None
