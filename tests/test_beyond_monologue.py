@@ -183,3 +183,28 @@ def test_long_video_segments(trained):
   assert summary["fd_growth"] == pytest.approx(segs[-1]["fd_face"] / segs[0]["fd_face"])
   with open(os.path.join(trained, "eval", "long_test.md")) as f:
     assert "seam_jump" in f.read()
+
+
+def test_b_model_train_step_lowers_for_hopper(monkeypatch):
+  """The B@128 training step (one block: every block has the same shapes), lowered for CUDA as
+  `auto` resolves on an H100/H200: every fused-kernel call fits a Hopper CTA's shared memory
+  (Mosaic GPU checks it while lowering). B's Q-Former attention has head dim 192, which once
+  went to the fused kernel and failed to compile on the GPU."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from avatar_jax.kernels.gaussian_attention import api  # pylint: disable=g-import-not-at-top
+  from avatar_jax.models.video import beyond_monologue as bm  # pylint: disable=g-import-not-at-top
+  from benchmarks import dit_step  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(api, "target_platform", lambda: "gpu")
+  monkeypatch.setattr(api, "_is_hopper", lambda: True)
+  monkeypatch.setattr(api, "_gpu_module_available", lambda: True)
+  config = _config("bm_synthdyad", "size=B,res=128,vae=,batch=2")
+  config.data.source = "synthdyad"          # only the data facts are read
+  config.model.dit.num_layers = 1
+  system = bm.System(config)
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: system.build(rngs=nnx.Rngs(0))),
+                                     nnx.Param, ...)
+  batch = dit_step.bm_batch(config, 2, 128)
+  loss = lambda p, b, k: system.loss(nnx.merge(graphdef, p, rest), b, k)[0]
+  text = jax.jit(jax.value_and_grad(loss)).trace(params, batch, jax.random.key(0)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text               # the audio cross-attention took the fused kernel
