@@ -6,7 +6,8 @@ Arguments (`--config configs/vae_synthdyad.py:size=tiny,res=64,steps=100`):
   size (tiny | S | wan2.1), res (64 | 128: frames H = W), frames (clip length, 1 + 4k; 49 by
   default: a causal VAE trained on shorter windows fails deep into whole clips, docs/vae.md), steps,
   batch (clips per participant: each batch trains on 2·batch clips), lr, kl (KL weight),
-  posterior (sample | mean: what the decoder sees in training), seed,
+  posterior (sample | mean: what the decoder sees in training), lip (extra loss weight of the
+  mouth region's pixels: 1 + lip inside it; 0 = plain means), seed,
   dtype (compute: float32 | bfloat16), workers (data processes rendering the clips).
 Evaluators: a reconstruction table (PSNR, face-reader R² of jaw_open / smile / head_pitch read
 from reconstructions, evals/reconstruction.py) on whole test clips, and a sample mp4
@@ -21,7 +22,8 @@ from avatar_jax.models import vae
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="S", res=64, frames=49, steps=4000, batch=4, lr=3e-4,
-                             kl=1e-6, posterior="sample", seed=0, dtype="float32", workers=0, eval_clips=8)
+                             kl=1e-6, posterior="sample", lip=0.0, seed=0, dtype="float32", workers=0,
+                             eval_clips=8)
   c = config_lib.ml_collections.ConfigDict()
   c.seed = arg.seed
   c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
@@ -38,7 +40,7 @@ def get_config(arg=None):
   c.model.name = "vae"
   c.model.dtype = arg.dtype
   # Wan's recipe adds a perceptual and a GAN term; here only pixels + KL (docs/vae.md).
-  c.model.loss = dict(l1=1.0, l2=1.0, kl=arg.kl, posterior=arg.posterior)
+  c.model.loss = dict(l1=1.0, l2=1.0, kl=arg.kl, posterior=arg.posterior, lip=float(arg.lip))
 
   c.init_from = config_lib.init_from()   # e.g. a converted published VAE: --config.init_from.workdir=DIR
   c.optim = dict(lr=arg.lr, warmup_steps=min(200, arg.steps // 10), end_lr_factor=0.1, b1=0.9,

@@ -16,6 +16,7 @@ from avatar_jax.data import pipeline
 from avatar_jax.evals import runner
 from avatar_jax.data.synthdyad import generator as sd
 from avatar_jax.data.synthdyad import identity as identity_lib
+from avatar_jax.data.synthdyad import masks as masks_lib
 from avatar_jax.data.synthdyad import motion as motion_lib
 from avatar_jax.data.synthdyad import render as render_lib
 from avatar_jax.models import registry
@@ -120,7 +121,7 @@ def test_masks_land_on_the_rendered_face_and_mouth():
   for ident_id in (1003, 1150):
     ident = identity_lib.make_identity(ident_id, 0)
     frames = render_lib.render(m, ident, res)
-    face, lip = (np.asarray(x[0]) for x in echo.synthdyad_masks(
+    face, lip = (np.asarray(x[0]) for x in masks_lib.synthdyad_masks(
         np.array([ident.face_aspect]), np.array([ident.mouth_width]), (res, res)))
     for t in range(3):
       cls = _classes(frames[t], ident)
@@ -135,7 +136,7 @@ def test_masks_land_on_the_rendered_face_and_mouth():
       assert lip[skin | mouth].sum() / lip.sum() > 0.75
     # Per latent token (64 px, VAE ×8, patch 2: a 4×4 grid of 16-px cells): the cell mean of
     # the pixel masks, and the mouth's centre in the cell with the most lip.
-    tf, tl = (np.asarray(x[0]) for x in echo.synthdyad_masks(
+    tf, tl = (np.asarray(x[0]) for x in masks_lib.synthdyad_masks(
         np.array([ident.face_aspect]), np.array([ident.mouth_width]), (4, 4)))
     np.testing.assert_allclose(tf, face.reshape(4, 16, 4, 16).mean((1, 3)), atol=0.03)
     np.testing.assert_allclose(tl, lip.reshape(4, 16, 4, 16).mean((1, 3)), atol=0.03)
@@ -149,7 +150,7 @@ def test_masks_from_identity_the_mean_face_or_the_batch():
   geo = system.geometry
   ident = jnp.array([1003, -1], jnp.int32)
   got = system.masks({"identity_self": ident}, (4, 4), 2)
-  want = echo.synthdyad_masks(np.array([geo[1003, 0], geo[:, 0].mean()]),
+  want = masks_lib.synthdyad_masks(np.array([geo[1003, 0], geo[:, 0].mean()]),
                               np.array([geo[1003, 1], geo[:, 1].mean()]), (4, 4))
   np.testing.assert_allclose(got["face_mask"], np.asarray(want[0]).reshape(2, 16), atol=1e-6)
   np.testing.assert_allclose(got["lip_mask"], np.asarray(want[1]).reshape(2, 16), atol=1e-6)

@@ -411,3 +411,38 @@ def test_rows_split_over_the_context_axis_match_one_device(model):
     got = np.asarray(compiled(state, v))
   assert "collective-permute" in compiled.as_text()   # halo rows between row bands
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_lip_weighted_loss():
+  """loss.lip > 0 weighs the mouth region of each clip's identity 1 + lip (the mask of
+  data/synthdyad/masks.py, which tests/test_echo.py checks against the rendered mouth); the
+  weighted means stay means (a uniform error gives the same value) and psnr_lips is logged."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "vae_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "vae_synthdyad.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("size=tiny,res=32,frames=5,batch=2,lip=9")
+  system = vae.System(c)
+  ids = {"identity_self": np.array([3, 1003]), "identity_partner": np.array([-1, 7])}
+  w = np.asarray(system._pixel_weights(ids, (4, 5, 32, 32, 3), 9.0))[:, 0, :, :, 0]
+  assert w.shape == (4, 32, 32) and w.min() == pytest.approx(1.0)
+  assert w.max() == pytest.approx(10.0, abs=1e-3)
+  for m in w:   # the heaviest pixels: centred horizontally, in the lower half of the image
+    ys, xs = np.nonzero(m > 5.0)
+    assert 16 < ys.mean() < 32 and abs(xs.mean() - 15.5) < 1.5
+  assert not np.allclose(w[0], w[1])        # two identities, two mouth widths
+  assert np.asarray(system._pixel_weights(ids, (4, 5, 32, 32, 3), 0.0)).shape == ()
+  with pytest.raises(ValueError, match="loss.lip"):
+    system._pixel_weights(ids, (4, 5, 32, 32, 3), -1.0)
+
+  model = system.build(rngs=nnx.Rngs(0))
+  r = np.random.default_rng(0)
+  batch = {"video": r.integers(0, 256, (2, 5, 32, 32, 3), np.uint8),
+           "partner_video": r.integers(0, 256, (2, 5, 32, 32, 3), np.uint8), **ids}
+  loss, m = system.loss(model, batch, jax.random.key(0))
+  c.model.loss.lip = 0.0
+  loss0, m0 = vae.System(c).loss(model, batch, jax.random.key(0))
+  assert "psnr_lips" in m and "psnr_lips" not in m0 and np.isfinite(float(m["psnr_lips"]))
+  assert float(m["psnr"]) == pytest.approx(float(m0["psnr"]), rel=1e-6)   # unweighted PSNR
+  assert float(loss) != pytest.approx(float(loss0), rel=1e-4)

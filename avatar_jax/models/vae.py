@@ -855,7 +855,8 @@ class System(system_lib.System):
   """The VAE trained by the one trainer on SynthDyad renders (`configs/vae_synthdyad.py`).
 
   config.model: a `default_config(preset)` plus name="vae" and `loss` (l1, l2, kl weights;
-  posterior: "sample" decodes a posterior sample, "mean" the posterior mean).
+  posterior: "sample" decodes a posterior sample, "mean" the posterior mean; lip: extra weight
+  of the lip region's pixels, from each clip's SynthDyad identity, data/synthdyad/masks.py).
   Training clips: both participants' windows (batch["video"] and batch["partner_video"], uint8
   [B, T, H, W, 3], T = 1 + 4k), so one batch holds 2B clips. Loss: reconstruction through a
   posterior sample, l1·|x̂ − x| + l2·(x̂ − x)², mean over pixels, + kl·KL(q(z|x) ‖ N(0, I)) per
@@ -873,6 +874,7 @@ class System(system_lib.System):
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
     self.cfg = config.model
+    self._geometry = None   # SynthDyad identities' face geometry, for loss.lip > 0
 
   def data_spec(self) -> system_lib.DataSpec:
     return system_lib.DataSpec(keys=("video", "partner_video"), optional_keys=("reference_image",))
@@ -897,12 +899,39 @@ class System(system_lib.System):
     else:
       raise ValueError(f"config.model.loss.posterior: 'sample' or 'mean', got {w.posterior!r}")
     rec = model.decode(z, chunked=False, clamp=False)
-    l1 = jnp.mean(jnp.abs(rec - x))
-    l2 = jnp.mean(jnp.square(rec - x))
+    # Per-pixel weights [2B, 1, H, W, 1]: 1, plus `lip` on the mouth region (a 64-px face's
+    # mouth is a few percent of the pixels, so a plain mean barely asks for it; the face reader
+    # must read jaw and smile from the reconstruction, docs/vae.md).
+    weight = self._pixel_weights(batch, x.shape, float(w.get("lip", 0.0)))
+    mean_w = lambda e: jnp.mean(weight * e) / jnp.mean(weight)
+    l1 = mean_w(jnp.abs(rec - x))
+    l2 = mean_w(jnp.square(rec - x))
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
     total = w.l1 * l1 + w.l2 * l2 + w.kl * kl
-    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(jnp.mean(jnp.square(jnp.clip(rec, -1, 1) - x)), 1e-10))
-    return total, {"l1": l1, "l2": l2, "kl": kl, "psnr": psnr}
+    err = jnp.square(jnp.clip(rec, -1, 1) - x)
+    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(jnp.mean(err), 1e-10))
+    metrics = {"l1": l1, "l2": l2, "kl": kl, "psnr": psnr}
+    if weight.ndim > 1:   # the reconstruction where it matters most, logged beside the whole
+      lips = weight - 1.0
+      metrics["psnr_lips"] = 10.0 * jnp.log10(
+          4.0 / jnp.maximum(jnp.sum(lips * err) / (3.0 * x.shape[1] * jnp.sum(lips)), 1e-10))
+    return total, metrics
+
+  def _pixel_weights(self, batch, shape, lip: float):
+    """1 + lip · (soft lip mask of each clip's identity, neutral pose): [2B, 1, H, W, 1]
+    (self clips then partner clips, as the loss stacks them); the scalar 1 when lip is 0."""
+    if lip < 0:
+      raise ValueError(f"config.model.loss.lip must be >= 0, got {lip}")
+    if lip == 0:
+      return jnp.ones(())
+    from avatar_jax.data.synthdyad import masks  # pylint: disable=g-import-not-at-top
+    if self._geometry is None:
+      self._geometry = masks.identity_geometry(int(self.config.data.synthdyad.seed))
+    b2, _, h, wd, _ = shape
+    idents = [batch.get("identity_self"), batch.get("identity_partner")]
+    geo = jnp.concatenate([masks.lookup(self._geometry, i, b2 // 2) for i in idents])
+    _, lips = masks.synthdyad_masks(geo[:, 0], geo[:, 1], (h, wd))
+    return 1.0 + lip * lips[:, None, :, :, None]
 
   def generate(self, model: WanVAE, batch, rng, **options) -> system_lib.Outputs:
     del rng, options
