@@ -101,7 +101,7 @@ def wan_rows(args) -> list[dict]:
   # keeps what our rows used, which left diffusers out of memory at the 1.3B shape.
   rows = diffusers_rows(args, cfg, x, ts, text, tokens)
   flops = float("nan")
-  for impl, remat in [(i, r) for r in getattr(args, "remat", ["off"]) for i in args.attn]:
+  for impl, remat in [(i, r) for r in args.remat for i in args.attn]:
     c = cfg.copy_and_resolve_references()
     c.attention_impl, c.remat = impl, remat == "on"
     name = f"ours ({impl}, remat)" if c.remat else f"ours ({impl})"
@@ -186,7 +186,6 @@ def diffusers_rows(args, cfg, x, ts, text, tokens) -> list[dict]:
     ref.enable_gradient_checkpointing()
     impl = "diffusers (grad ckpt)"
     s = timed_or_none(ref_step, sync, args, f"wan {args.preset} | {impl}")
-  free()
   del ref, xt, tt, et
   gc.collect()
   if dev == "cuda":

@@ -31,7 +31,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from avatar_jax.data import arrays, pipeline
+from avatar_jax.data import arrays
 from avatar_jax.evals import motion, runner, synthdyad_metrics
 
 
@@ -143,18 +143,10 @@ def long_video(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str,
   keys = tuple(k for k in spec.keys if k not in ("latent_self", "reference_latent"))
   keys += ("reference_image",)
   results = {}
+  truth_config = ml_collections.ConfigDict()   # what motion.truth / truth_videos read
+  truth_config.data = data
   for split in runner.splits(cfg):
-    it = pipeline.make(data, split, keys=keys, shuffle=False, num_epochs=1, shard_index=0,
-                       shard_count=1)
-    chunks, left = [], int(cfg.num_clips)
-    for batch in it:
-      if left <= 0:
-        break
-      chunks.append({k: v[:left] for k, v in batch.items()})
-      left -= len(chunks[-1]["example_index"])
-    if left > 0:
-      raise ValueError(f"config.evals.{ctx.name}: num_clips={cfg.num_clips} but split {split!r} "
-                       f"has fewer clips")
+    chunks = list(runner.batches(ctx, cfg, keys, split, data=data))
     out = runner.generate(system, model, chunks, runner.rng_for(ctx, cfg), **runner.options(cfg))
     batch = runner.concat(chunks)
     if out.space != "video":
@@ -162,15 +154,14 @@ def long_video(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str,
                        f"generates {out.space!r} (a video system needs its VAE)")
     frames = system.decode(out, batch)                              # uint8 [N, T, H, W, 3]
     n, t = frames.shape[:2]
-    true, refs = motion.truth_videos(data_config_for(data), split, batch, t)
+    true, refs = motion.truth_videos(truth_config, split, batch, t)
     batch["_frames"] = np.full(n, t)
-    samples = motion.truth(data_config_for(data), split, batch)
+    samples = motion.truth(truth_config, split, batch)
     fps = float(data.synthdyad.fps)
     segs = segment_rows(list(frames), true, refs, samples, fps, float(cfg.segment_s))
-    windows = np.asarray(out.extras["windows"]).shape[0]
+    windows, _, wsize = np.shape(out.extras["windows"])[:3]   # [windows, B, rows, ...]
     stride = int(system.cfg.stride)
     num_latent = (t - 1) // stride + 1
-    wsize = np.asarray(out.extras["windows"]).shape[2]
     ov = int(runner.options(cfg).get("overlap", system.cfg.sample.overlap))
     seams = seam_frames(num_latent, wsize, ov, stride)
     summary = dict(
@@ -189,9 +180,3 @@ def long_video(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str,
     results[split] = dict(segments=segs, summary=summary, text=text)
   return results
 
-
-def data_config_for(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A config holding just `data` (what motion.truth and motion.truth_videos read)."""
-  c = ml_collections.ConfigDict()
-  c.data = data
-  return c

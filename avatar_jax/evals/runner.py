@@ -194,11 +194,12 @@ def data_config(config: ml_collections.ConfigDict, cfg: ml_collections.ConfigDic
   return data
 
 
-def batches(ctx: Context, cfg: ml_collections.ConfigDict, keys: Sequence[str], split: str
-            ) -> Iterator[dict[str, np.ndarray]]:
+def batches(ctx: Context, cfg: ml_collections.ConfigDict, keys: Sequence[str], split: str,
+            data: ml_collections.ConfigDict | None = None) -> Iterator[dict[str, np.ndarray]]:
   """The first `cfg.num_clips` eval windows of `split` with `keys` (+ bookkeeping keys), in host
-  batches of <= `cfg.batch_size`, from `pipeline.make(..., shuffle=False)` (one pass)."""
-  data = data_config(ctx.config, cfg)
+  batches of <= `cfg.batch_size`, from `pipeline.make(..., shuffle=False)` (one pass) of the run's
+  data (`data_config`) or of `data`."""
+  data = data_config(ctx.config, cfg) if data is None else data
   it = pipeline.make(data, split, keys=tuple(dict.fromkeys(keys)), shuffle=False, num_epochs=1,
                      shard_index=0, shard_count=1)
   left = int(cfg.num_clips)
