@@ -72,10 +72,10 @@ def test_trains_resumes_and_scores_video(latents, trained, tmp_path):
   workdir = trained
   with open(os.path.join(workdir, "eval", "test.json")) as f:
     rows = json.load(f)["rows"]
-  assert set(rows) == {"model", "shuffled audio", "ground truth (read)"}
+  assert set(rows) == {"model", "shuffled audio", motion.RECONSTRUCTED, "ground truth (read)"}
   # The face reader reads the true 32-px renders almost perfectly: the table's ceiling.
   assert rows["ground truth (read)"]["lip_corr"] > 0.9
-  for name in ("model", "shuffled audio"):
+  for name in ("model", "shuffled audio", motion.RECONSTRUCTED):
     assert rows[name]["clips"] == 2
     assert np.isfinite(rows[name]["fd_face"]) and rows[name]["fd_face"] > 0
     assert np.isfinite(rows[name]["jaw_leak"])
@@ -120,6 +120,25 @@ def test_windowed_sampling_continues_each_window_from_the_last(trained):
   np.testing.assert_allclose(np.asarray(out_img.value), np.asarray(out.value), atol=2e-4)
   with pytest.raises(ValueError, match="overlap 4 must be in"):
     system.generate(model, b, jax.random.key(0), window=4, overlap=4, steps=1, decode=False)
+
+
+def test_reconstruct_decodes_the_stored_latents(trained):
+  """The table's "true latents, decoded" row: the encode job's stored latents, denormalised and
+  decoded by the DiT run's frozen VAE, equal the VAE's own reconstruction of the true video (so
+  the row is the ceiling of this latent space, not of a different or unnormalised one)."""
+  system, model, config, _ = trainer.restore_model(trained)
+  data = runner.data_config(config, runner.evaluator("synthdyad", windows="full", batch_size=2))
+  batch = next(pipeline.make(data, "test", keys=system.data_spec().keys, shuffle=False,
+                             num_epochs=1, shard_index=0, shard_count=1))
+  got = np.asarray(system.reconstruct(model, batch).value)
+  t = got.shape[1]                                        # 1 + 4 (F - 1) frames
+  true, _ = motion.truth_videos(config, "test", batch, t)
+  pixels = jnp.asarray(np.stack(true), jnp.float32) * (2.0 / 255.0) - 1.0
+  want = np.asarray(model.vae(pixels))
+  assert got.shape == want.shape == (2, t, 32, 32, 3)
+  np.testing.assert_allclose(got, want, atol=2e-4)
+  # ... and are not the true frames (the 2-step VAE reconstructs them poorly).
+  assert np.abs(got - np.asarray(pixels)).mean() > 0.05
 
 
 def test_sample_from_wavs_and_a_reference_image(trained, tmp_path):

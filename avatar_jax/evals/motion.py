@@ -28,6 +28,8 @@ from avatar_jax.data.synthdyad import flame
 from avatar_jax.evals import dualtalk, runner, synthdyad_metrics
 
 REFERENCES = ("shuffled audio", "mean motion", "ground truth")
+# Video systems on a VAE's latents: the reader on the true latents decoded.
+RECONSTRUCTED = "true latents, decoded (read)"
 # Per-frame keys of a SynthDyad sample that a window crops (events are shifted instead).
 _PER_FRAME = ("motion_self", "motion_partner", "speaking_self", "speaking_partner",
               "flame56_self", "flame56_partner")
@@ -167,8 +169,9 @@ def video_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
                rng, *, baselines: bool) -> dict[str, dict[str, float]]:
   """The SynthDyad table of generated video: every row's frames are read by the face reader
   (evals/video.py) and scored like motion; FD-face / FVD-face against the true renders. Rows:
-  model, shuffled audio (each clip with the next clip's voices), and the reader's reading of
-  the true video (the ceiling the reader allows)."""
+  model, shuffled audio (each clip with the next clip's voices), the reader's reading of the true
+  video (the ceiling the reader allows) and, for latent systems (`system.reconstruct`), of the
+  true latents decoded (the ceiling the latent space and its decoder allow)."""
   from avatar_jax.evals import video  # pylint: disable=g-import-not-at-top
   system, model = ctx.system, ctx.model
   batch = runner.concat(chunks)
@@ -186,6 +189,10 @@ def video_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
     gen = runner.generate(system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng,
                           **runner.options(cfg))
     frames["shuffled audio"] = system.decode(gen, shuffled)
+  reconstruct = getattr(system, "reconstruct", None)
+  if baselines and reconstruct is not None:
+    frames[RECONSTRUCTED] = system.decode(runner.generate(
+        system, model, chunks, rng, fn=lambda m, b, r: reconstruct(m, b)), batch)
   true, refs = truth_videos(ctx.config, split, batch, t)
   if baselines:
     frames["ground truth (read)"] = np.stack(true)

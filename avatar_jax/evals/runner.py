@@ -217,15 +217,17 @@ def batches(ctx: Context, cfg: ml_collections.ConfigDict, keys: Sequence[str], s
                      f"windows={cfg.windows!r})")
 
 
-def generator(system: system_lib.System, model: nnx.Module, **options):
-  """`gen(batch, rng) -> Outputs` (value as NumPy): `system.generate` jitted once per shape."""
+def generator(system: system_lib.System, model: nnx.Module, *, fn=None, **options):
+  """`gen(batch, rng) -> Outputs` (value as NumPy): `system.generate` (or `fn(model, batch, rng,
+  **options)`, e.g. a system's reconstruction of the true latents) jitted once per shape."""
   graphdef, state = nnx.split(model)
   spec = system.data_spec()
   keys = tuple(spec.keys) + tuple(getattr(spec, "optional_keys", ()))
+  fn = fn or system.generate
 
   @jax.jit
   def gen(state, batch, rng):
-    return system.generate(nnx.merge(graphdef, state), batch, rng, **options)
+    return fn(nnx.merge(graphdef, state), batch, rng, **options)
 
   def call(batch, rng) -> system_lib.Outputs:
     b = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
@@ -236,12 +238,13 @@ def generator(system: system_lib.System, model: nnx.Module, **options):
 
 
 def generate(system: system_lib.System, model: nnx.Module, chunks: Sequence[Mapping[str, np.ndarray]],
-             rng: jax.Array, **options) -> system_lib.Outputs:
+             rng: jax.Array, *, fn=None, **options) -> system_lib.Outputs:
   """Generates for consecutive batches; batch starting at window i gets `fold_in(rng, i)`.
 
   Returns one Outputs whose value is the batches' values concatenated: [N, ...] NumPy.
+  fn: what to run instead of `system.generate` (see `generator`).
   """
-  gen = generator(system, model, **options)
+  gen = generator(system, model, fn=fn, **options)
   outs, i = [], 0
   for batch in chunks:
     outs.append(gen(batch, jax.random.fold_in(rng, i)))

@@ -271,6 +271,16 @@ class System(system_lib.System):
     video = model.vae.decode(model.vae.denormalize(latents))
     return system_lib.Outputs(value=video, space="video", extras=extras)
 
+  def reconstruct(self, model: BeyondMonologue, batch) -> system_lib.Outputs:
+    """The batch's true latents (latent_self [B, F, h, w, z]) through the VAE decoder:
+    Outputs(space="video", value [B, 1 + stride·(F − 1), H, W, 3]), the frames this latent space
+    and decoder give back at best; the evaluators read them beside the generated video."""
+    if model.vae is None:
+      raise ValueError("Beyond Monologue reconstruct needs a VAE (config.model.vae + "
+                       "init_from.vae)")
+    z = jnp.asarray(batch["latent_self"], jnp.float32)
+    return system_lib.Outputs(value=model.vae.decode(model.vae.denormalize(z)), space="video")
+
   def decode(self, outputs: system_lib.Outputs, batch) -> np.ndarray:
     """uint8 [B, T', H, W, 3] of generated video (space "video")."""
     if outputs.space != "video":
