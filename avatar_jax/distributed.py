@@ -124,3 +124,53 @@ def check_same_config(config) -> None:
         f"processes {differ} resolved a different config than process 0 (this is process "
         f"{jax.process_index()}, config sha256 {digest.hex()[:12]}). Start every process with the "
         "same --config, overrides and code (a launcher copies one checkout to every host).")
+
+
+class Preemption:
+  """Tells the training loop when to stop early, at a step every process agrees on.
+
+  The trigger is SIGTERM: a scheduler's notice before it evicts a job (SLURM, GKE, Cloud TPU),
+  and `timeout`'s default signal. The loop then checkpoints that step and returns, so a rerun
+  of the same command resumes exactly there. Without this, a kill loses every step since the
+  last periodic checkpoint.
+  - One process: a SIGTERM handler sets a flag, read at the next step boundary.
+  - Several processes (`jax.distributed`): JAX's coordination service listens for SIGTERM on
+    every host and picks a step that all of them reach
+    (`multihost_utils.reached_preemption_sync_point`), so all processes save the same step.
+  Use as a context manager; the previous SIGTERM handler is restored on exit.
+  """
+
+  def __init__(self):
+    self._multi = jax.process_count() > 1
+    self._noticed = False
+    self._previous = None
+
+  def __enter__(self) -> "Preemption":
+    import signal  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    # Python handlers can only be set from the main thread (tests and notebooks may train from
+    # another; they simply get no early stop).
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      import signal  # pylint: disable=g-import-not-at-top
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self._noticed = True
+
+  def reached(self, step: int) -> bool:
+    """True at the step where every process should checkpoint and stop. Multi-process runs
+    must call this at every step (the sync point compares step ids across hosts)."""
+    if not self._multi:
+      return self._noticed
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:   # initialised without the preemption service
+      return False

@@ -469,30 +469,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               f"config.data.source={config.data.source!r}, split 'train'. Lower optim.lr or "
               f"check the data of that step.")
 
-    t_start = time.monotonic()
-    for step in range(first_step + 1, num_steps + 1):
-      batch = next(train_iter)
-      state, metrics = s.train_step(state, batch)
-      # Which examples each step saw, to name them if its loss turns out non-finite.
-      pending.append((step, metrics, {k: batch[k] for k in _ID_KEYS if k in batch}))
-      progress(step)
-      if step % config.train.log_every == 0 or step == num_steps:
-        check_finite()
-        summary = {k: float(np.mean([float(m[k]) for _, m, _ in pending])) for k in pending[0][1]}
-        summary.pop("nonfinite")
-        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-        pending = []
-      if step % config.train.ckpt_every == 0 or step == num_steps:
-        check_finite()
-        ckpt.save(step, state, train_iter, config)
-        last_good = step
-      # Evaluators of config.evals due at this step (evals/runner.py); the EMA model is built
-      # only when one is.
-      results.update(evals_runner.run(s.system, lambda st=state: s.model(st), config, workdir,
-                                      step=step, writer=writer, final=step == num_steps))
+    t_start, stop = time.monotonic(), False
+    with distributed.Preemption() as preemption:
+      for step in range(first_step + 1, num_steps + 1):
+        batch = next(train_iter)
+        state, metrics = s.train_step(state, batch)
+        # Which examples each step saw, to name them if its loss turns out non-finite.
+        pending.append((step, metrics, {k: batch[k] for k in _ID_KEYS if k in batch}))
+        progress(step)
+        # SIGTERM (a scheduler's eviction notice, `timeout`): checkpoint this step and stop.
+        stop = preemption.reached(step)
+        if step % config.train.log_every == 0 or step == num_steps or stop:
+          check_finite()
+          summary = {k: float(np.mean([float(m[k]) for _, m, _ in pending]))
+                     for k in pending[0][1]}
+          summary.pop("nonfinite")
+          writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+          pending = []
+        if step % config.train.ckpt_every == 0 or step == num_steps or stop:
+          check_finite()
+          ckpt.save(step, state, train_iter, config)
+          last_good = step
+        if stop:
+          logging.warning("Stopped by SIGTERM at step %d of %d: checkpoint saved in %s; rerun "
+                          "the same command to resume.", step, num_steps, ckpt.directory)
+          break
+        # Evaluators of config.evals due at this step (evals/runner.py); the EMA model is
+        # built only when one is.
+        results.update(evals_runner.run(s.system, lambda st=state: s.model(st), config,
+                                        workdir, step=step, writer=writer,
+                                        final=step == num_steps))
     progress.close()
     ckpt.wait()
-    logging.info("Training done in %.1f s.", time.monotonic() - t_start)
+    logging.info("Training %s in %.1f s.", "stopped" if stop else "done",
+                 time.monotonic() - t_start)
   train_iter.close()
   writer.flush()
   ckpt.close()
