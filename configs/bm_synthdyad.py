@@ -84,7 +84,7 @@ def get_config(arg=None):
   c.evals = dict(
       sample=runner.evaluator("video", split="test", at_end=True),
       test=runner.evaluator("synthdyad", split="test,ood", num_clips=arg.eval_clips,
-                            batch_size=4, at_end=True),
+                            crosstalk=True, batch_size=4, at_end=True),
       # Minute-long clips, per 10-s segment: drift (FD-face) and window seams (evals/long_video.py);
       # `python -m avatar_jax.evaluate --workdir W --evals long`.
       long=runner.evaluator("long_video", split="test", num_clips=2, batch_size=1,

@@ -100,5 +100,5 @@ def get_config(arg=None):
       test=(runner.evaluator("flame56", split="test,ood", num_clips=clips, batch_size=1,
                              at_end=True) if arg.real else
             runner.evaluator("synthdyad", split="test,ood", flame56=True, baselines=True,
-                             num_clips=clips, batch_size=8, at_end=True)))
+                             crosstalk=True, num_clips=clips, batch_size=8, at_end=True)))
   return config_lib.lock(c)

@@ -97,6 +97,6 @@ def get_config(arg=None):
   c.evals = dict(
       sample=runner.evaluator("video", split="test", at_end=True),
       test=runner.evaluator("synthdyad", split="test,ood", num_clips=arg.eval_clips,
-                            batch_size=4, at_end=True),
+                            crosstalk=True, batch_size=4, at_end=True),
   ) if vae_dir else {}
   return config_lib.lock(c)

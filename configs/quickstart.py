@@ -56,6 +56,6 @@ def get_config(arg=None):
   c.evals = dict(
       sample=runner.evaluator("video", split="test", every=400, at_end=True),
       test=runner.evaluator("synthdyad", split="test", num_clips=arg.eval_clips, baselines=True,
-                            batch_size=16, at_end=True),
+                            crosstalk=True, batch_size=16, at_end=True),
   )
   return config_lib.lock(c)

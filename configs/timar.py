@@ -91,7 +91,7 @@ def get_config(arg=None):
   else:
     table = lambda **kw: runner.evaluator("synthdyad", split="test,ood", flame56=True,
                                           num_clips=arg.eval_clips, batch_size=16, at_end=True, **kw)
-    test = table(baselines=True)
+    test = table(baselines=True, crosstalk=True)
     test_n0 = table(baselines=False, options=dict(history_turns=0), prefix="n0_")
   c.evals = dict(sample=runner.evaluator("video", split="test", every=0, at_end=True),
                  test=test, test_n0=test_n0)

@@ -44,7 +44,7 @@ def latents(tmp_path_factory):
 def _bm_config(latents, arg=""):
   vae_dir, lat = latents
   c = _config("bm_synthdyad", f"size=tiny,res=32,latents={lat},vae={vae_dir},clip_frames=16,batch=8,"
-                              f"eval_clips=2{',' + arg if arg else ''}")
+                              f"eval_clips=3{',' + arg if arg else ''}")
   c.evals.sample.at_end = False
   c.evals.test.split = "test"
   c.train.progress_bar = False
@@ -72,13 +72,17 @@ def test_trains_resumes_and_scores_video(latents, trained, tmp_path):
   workdir = trained
   with open(os.path.join(workdir, "eval", "test.json")) as f:
     rows = json.load(f)["rows"]
-  assert set(rows) == {"model", "shuffled audio", motion.RECONSTRUCTED, "ground truth (read)"}
+  assert set(rows) == {"model", "shuffled audio", motion.RECONSTRUCTED, motion.CROSSTALK,
+                       "ground truth (read)"}
   # The face reader reads the true 32-px renders almost perfectly: the table's ceiling.
   assert rows["ground truth (read)"]["lip_corr"] > 0.9
-  for name in ("model", "shuffled audio", motion.RECONSTRUCTED):
-    assert rows[name]["clips"] == 2
+  for name in ("model", "shuffled audio", motion.RECONSTRUCTED, motion.CROSSTALK):
+    assert rows[name]["clips"] == 3
     assert np.isfinite(rows[name]["fd_face"]) and rows[name]["fd_face"] > 0
-    assert np.isfinite(rows[name]["jaw_leak"])
+    assert np.isfinite(rows[name]["lip_corr"])
+    # (The crosstalk row's partners never talk alone within these 1.6-s clips: no jaw_leak.)
+    assert name == motion.CROSSTALK or np.isfinite(rows[name]["jaw_leak"])
+  assert np.isnan(rows[motion.CROSSTALK]["smile_resp"])
   # The VAE was loaded frozen (init_from.vae), the DiT trained.
   system, model, config, step = trainer.restore_model(workdir)
   assert step == 3 and config.init_from.vae.into == "model/vae"

@@ -63,18 +63,21 @@ def _band_energy(audio, rate, freq, width=15.0):
 
 
 def test_evaluate_writes_metrics(workdir, cache):
-  out = harness.run([sys.executable, "-m", "avatar_jax.evaluate", f"--workdir={workdir}"], cache)
+  # 3 clips: two conversations, which the crosstalk row (switched on here) needs.
+  out = harness.run([sys.executable, "-m", "avatar_jax.evaluate", f"--workdir={workdir}",
+                     "--num_clips=3", "--crosstalk"], cache)
   assert out.returncode == 0, out.stderr[-4000:]
   with open(os.path.join(workdir, "eval", "test.json")) as f:
     result = json.load(f)
   assert result["split"] == "test" and result["step"] == harness.NUM_STEPS
   rows = result["rows"]
-  assert set(rows) == {"model", "shuffled audio", "mean motion", "ground truth"}
+  assert set(rows) == {"model", "shuffled audio", "mean motion", "ground truth",
+                       "crosstalk (another conversation's partner)"}
   # The generator's own motion scores perfectly on the lip metrics by definition.
   truth = rows["ground truth"]
   assert truth["lip_corr"] == pytest.approx(1.0, abs=1e-6) and truth["lip_offset"] == 0
   for name, row in rows.items():
-    assert row["clips"] == 2, name
+    assert row["clips"] == 3, name
     for key in ("lip_corr", "jaw_leak", "nod_f1"):
       v = row[key]
       assert v is None or (isinstance(v, float) and (math.isnan(v) or -1.0 <= v <= 1.0 + 1e-9)) \

@@ -28,7 +28,7 @@ CLIPS, BATCH = 3, 2   # two generation batches (2 + 1): the per-batch rng offset
 
 def _config(**overrides):
   return harness.load_quickstart(**{"evals.test.num_clips": CLIPS, "evals.test.batch_size": BATCH,
-                                    **overrides})
+                                    "evals.test.crosstalk": True, **overrides})
 
 
 def _model(config):
@@ -52,22 +52,40 @@ def _reference_rows(system, model, config, rng, *, partner: bool = False):
   graphdef, state = nnx.split(model)
   gen = jax.jit(lambda s, b, r: system.generate(nnx.merge(graphdef, s), b, r).value)
 
-  def generate(order):
+  def generate(order, partner_order=None):
+    """Own voice of clips `order`; every partner input of clips `partner_order` (or `order`,
+    except partner motion, which shuffled audio leaves in place)."""
+    who = {"self": order, "partner": order if partner_order is None else partner_order}
     batch = {f"mel_{s}": np.stack([features.log_mel(samples[j][f"audio_{s}"], mel_cfg)
-                                   for j in order]) for s in ("self", "partner")}
+                                   for j in who[s]]) for s in ("self", "partner")}
     if partner:
-      batch["motion_partner"] = np.stack([s["motion_partner"] for s in samples])
+      batch["motion_partner"] = np.stack([samples[j]["motion_partner"] for j in
+                                          (range(CLIPS) if partner_order is None else partner_order)])
     outs = [np.asarray(gen(state, {k: jnp.asarray(v[i:i + BATCH]) for k, v in batch.items()},
                            jax.random.fold_in(rng, i))) for i in range(0, CLIPS, BATCH)]
     return np.concatenate(outs)
 
-  preds = {"model": generate(range(CLIPS)),
-           "shuffled audio": generate(np.roll(np.arange(CLIPS), -1))}
+  nxt = np.roll(np.arange(CLIPS), -1)
+  preds = {"model": generate(range(CLIPS)), "shuffled audio": generate(nxt)}
   preds["mean motion"] = np.broadcast_to(np.asarray(model.mean[...]), preds["model"].shape)
   preds["ground truth"] = np.stack([s["motion_self"] for s in samples])
-  return {name: synthdyad_metrics.aggregate([synthdyad_metrics.clip_metrics(p, s)
+  rows = {name: synthdyad_metrics.aggregate([synthdyad_metrics.clip_metrics(p, s)
                                              for p, s in zip(pred, samples)])
           for name, pred in preds.items()}
+  # Crosstalk: own voice, the partner of the next clip from another conversation (sample i is
+  # conversation i // 2); scored with that partner's speaking flags (all test clips have the
+  # same length), no listening-event metrics.
+  other = [next(j % CLIPS for j in range(i + 1, i + CLIPS) if j % CLIPS // 2 != i // 2)
+           for i in range(CLIPS)]
+  crossed = generate(range(CLIPS), other)
+  clips = []
+  for i, p in enumerate(crossed):
+    m = synthdyad_metrics.clip_metrics(
+        p, dict(samples[i], speaking_partner=samples[other[i]]["speaking_partner"]))
+    m.update(nod_f1=np.nan, smile_resp=np.nan, brow_resp=np.nan, nod_tp=0, nod_fp=0, nod_fn=0)
+    clips.append(m)
+  rows["crosstalk (another conversation's partner)"] = synthdyad_metrics.aggregate(clips)
+  return rows
 
 
 def _assert_rows_equal(got, want):
@@ -92,12 +110,25 @@ def test_synthdyad_table_matches_per_clip_reference(motion_run, tmp_path):
   _assert_rows_equal(rows, _reference_rows(system, model, config, jax.random.key(config.seed + 1)))
   # The audio reaches the motion: shuffling it changes the lips.
   assert rows["model"]["lip_corr"] != rows["shuffled audio"]["lip_corr"]
+  # The crosstalk row heard another partner over the same own voice.
+  crossed = rows["crosstalk (another conversation's partner)"]
+  assert crossed["jaw_leak"] != rows["model"]["jaw_leak"] and np.isnan(crossed["smile_resp"])
   assert rows["ground truth"]["lip_corr"] == pytest.approx(1.0) and rows["model"]["clips"] == CLIPS
   with open(tmp_path / "eval" / "test.json") as f:
     saved = json.load(f)
   assert (saved["split"], saved["step"]) == ("test", 7)
   _assert_rows_equal(saved["rows"], rows)
   assert "### SynthDyad `test` split, step 7" in (tmp_path / "eval" / "test.md").read_text()
+
+
+def test_crosstalk_partners_come_from_another_conversation():
+  from avatar_jax.evals import motion  # pylint: disable=g-import-not-at-top
+  # Sample i is conversation i // 2: 0 and 1 are one conversation seen from both sides.
+  np.testing.assert_array_equal(motion.crosstalk_partners(np.array([0, 1, 2])), [2, 2, 0])
+  # Tiles of one clip share its example index.
+  np.testing.assert_array_equal(motion.crosstalk_partners(np.array([4, 4, 5, 6])), [3, 3, 3, 0])
+  with pytest.raises(ValueError, match="need.* >= 2 conversations.*examples \\[0, 1\\]"):
+    motion.crosstalk_partners(np.array([0, 1]))
 
 
 def test_tiled_windows_crop_the_truth(motion_run, tmp_path):
@@ -107,7 +138,7 @@ def test_tiled_windows_crop_the_truth(motion_run, tmp_path):
   config.evals.test.clip_frames = 50
   try:
     res = runner.run(system, model, config, str(tmp_path), only=["test"], force=True,
-                     overrides={"num_clips": 5})
+                     overrides={"num_clips": 5, "crosstalk": False})  # 5 tiles: one conversation
   finally:
     config.evals.test.windows = "full"
     config.evals.test.clip_frames = None

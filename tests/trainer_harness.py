@@ -40,6 +40,8 @@ OVERRIDES = {
     "evals.sample.at_end": False,
     "evals.test.at_end": False,
     "evals.test.batch_size": 2,
+    # The 2 eval clips are one conversation (both sides), too few for the crosstalk row.
+    "evals.test.crosstalk": False,
 }
 
 
@@ -165,14 +167,15 @@ def built_once(tmp_path_factory, name: str, build) -> str:
 
 def video_latents(tmp_path_factory) -> tuple[str, str]:
   """(VAE workdir, latents dir) for the video DiT tests (Beyond Monologue, ECHO): a tiny VAE
-  trained 2 steps and SynthDyad encoded by it (8 train, 2 test, 2 ood clips of 1.6 s = 40
-  frames = 10 latent rows, at 32 px)."""
+  trained 2 steps and SynthDyad encoded by it (8 train, 3 test, 2 ood clips of 1.6 s = 40
+  frames = 10 latent rows, at 32 px; 3 test clips are 2 conversations, which the tables'
+  crosstalk row needs)."""
   from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
   from avatar_jax.data import encoding  # pylint: disable=g-import-not-at-top
 
   def build(path):
     c = load_config("vae_synthdyad", "size=tiny,res=32,frames=5,batch=8,steps=2")
-    c.data.split_sizes.train, c.data.split_sizes.test, c.data.split_sizes.ood = 8, 2, 2
+    c.data.split_sizes.train, c.data.split_sizes.test, c.data.split_sizes.ood = 8, 3, 2
     c.data.synthdyad.duration_s = 1.6
     c.evals = {}
     c.train.progress_bar = False

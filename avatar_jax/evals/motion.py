@@ -6,6 +6,12 @@ of each eval window (events, speaking flags, own audio envelope) next to three r
 ground truth (the generator's own motion), mean motion (the training mean, model.mean) and the
 same model fed shuffled audio (window i gets window i+1's two audio streams). With
 `flame56=True` the rows also carry the 56-d metrics of the same motion (SYNTHDYAD.md §3).
+With `crosstalk=True` one more row stresses full duplex: the avatar keeps its own voice while
+every partner input comes from another conversation's window, so both talk at once in 14 % of
+the frames of SynthDyad `test` (1.8 % with the window's own partner). Its lip metrics against
+the avatar's own truth say whether the partner's speech disturbs the lips; its jaw_leak
+(partner-only frames of the partner heard) whether it opens the mouth; listening metrics do
+not apply to it.
 Writes <workdir>/eval/<split>.{json,md}.
 
 "flame56" scores FLAME 56-d outputs (space "flame56", or "motion" through its 56-d export)
@@ -28,6 +34,9 @@ from avatar_jax.data.synthdyad import flame
 from avatar_jax.evals import dualtalk, runner, synthdyad_metrics
 
 REFERENCES = ("shuffled audio", "mean motion", "ground truth")
+CROSSTALK = "crosstalk (another conversation's partner)"
+# Scored against the window's own partner events, so meaningless under another partner.
+_LISTENING_EVENTS = ("nod_f1", "smile_resp", "brow_resp")
 # Video systems on a VAE's latents: the reader on the true latents decoded.
 RECONSTRUCTED = "true latents, decoded (read)"
 # Per-frame keys of a SynthDyad sample that a window crops (events are shifted instead).
@@ -103,6 +112,52 @@ def score(rows_preds: Mapping[str, np.ndarray], samples: Sequence[Mapping[str, A
   return rows
 
 
+def crosstalk_partners(example_index: np.ndarray) -> np.ndarray:
+  """For each eval window, the window whose partner it hears in the crosstalk row: the next one
+  (cyclically) from another conversation. SynthDyad sample i is conversation i // 2 seen from
+  one side, so the very next window is often the same conversation with the roles swapped,
+  whose partner is the avatar's own voice."""
+  conv = np.asarray(example_index) // 2
+  n = len(conv)
+  out = np.empty(n, np.int64)
+  for i in range(n):
+    other = [j for j in (np.arange(1, n) + i) % n if conv[j] != conv[i]]
+    if not other:
+      raise ValueError(f"the crosstalk row needs eval windows of >= 2 conversations; the {n} "
+                       f"windows (examples {sorted(set(np.asarray(example_index).tolist()))}) "
+                       "come from one: raise num_clips to >= 3")
+    out[i] = other[0]
+  return out
+
+
+def crosstalk_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`batch` with every partner input (its audio, features, motion: keys naming "partner") taken
+  from the window `crosstalk_partners` picks; the avatar's own inputs unchanged."""
+  heard = crosstalk_partners(batch["example_index"])
+  return {k: (v[heard] if "partner" in k else v) for k, v in batch.items()}
+
+
+def crosstalk_truth(samples: Sequence[Mapping[str, Any]], example_index: np.ndarray
+                    ) -> list[dict[str, Any]]:
+  """The truth of the crosstalk row: each window's own truth with the speaking flags of the
+  partner it now hears, cut or padded (silent) to its length."""
+  out = []
+  for s, j in zip(samples, crosstalk_partners(example_index)):
+    heard = np.asarray(samples[j]["speaking_partner"], bool)
+    flags = np.zeros(len(s["speaking_partner"]), bool)
+    m = min(len(flags), len(heard))
+    flags[:m] = heard[:m]
+    out.append(dict(s, speaking_partner=flags))
+  return out
+
+
+def crosstalk_row(clips: Sequence[Mapping[str, float]]) -> dict[str, float]:
+  """Aggregate of the crosstalk row's clip metrics, listening-event metrics left undefined."""
+  clips = [dict(c, **{k: np.nan for k in _LISTENING_EVENTS}, nod_tp=0.0, nod_fp=0.0, nod_fn=0.0)
+           for c in clips]
+  return synthdyad_metrics.aggregate(clips)
+
+
 def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, *,
                 baselines: bool, with_flame56: bool = False) -> dict[str, dict[str, float]]:
   """{row name: metrics} for the model (and with `baselines` the three references) on the first
@@ -138,11 +193,20 @@ def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str,
     preds["shuffled audio"] = as_motion(runner.generate(
         system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng, **opts).value)
     preds["mean motion"] = as_motion(np.broadcast_to(np.asarray(model.mean[...]), out.value.shape))
+  if cfg.crosstalk:
+    crossed = as_motion(runner.generate(
+        system, model, runner.split_batch(crosstalk_inputs(batch), int(cfg.batch_size)), rng,
+        **opts).value)
   batch["_frames"] = np.full(n, out.value.shape[1])
   samples = truth(ctx.config, split, batch)
   if baselines:
     preds["ground truth"] = np.stack([s["motion_self"] for s in samples])
-  return score(preds, samples, with_flame56=with_flame56)
+  rows = score(preds, samples, with_flame56=with_flame56)
+  if cfg.crosstalk:
+    rows[CROSSTALK] = crosstalk_row([synthdyad_metrics.clip_metrics(p, s) for p, s in
+                                     zip(crossed, crosstalk_truth(samples,
+                                                                  batch["example_index"]))])
+  return rows
 
 
 def truth_videos(config: ml_collections.ConfigDict, split: str, batch: Mapping[str, np.ndarray],
@@ -193,6 +257,11 @@ def video_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
   if baselines and reconstruct is not None:
     frames[RECONSTRUCTED] = system.decode(runner.generate(
         system, model, chunks, rng, fn=lambda m, b, r: reconstruct(m, b)), batch)
+  if cfg.crosstalk:
+    crossed = crosstalk_inputs(batch)
+    frames[CROSSTALK] = system.decode(runner.generate(
+        system, model, runner.split_batch(crossed, int(cfg.batch_size)), rng,
+        **runner.options(cfg)), crossed)
   true, refs = truth_videos(ctx.config, split, batch, t)
   if baselines:
     frames["ground truth (read)"] = np.stack(true)
@@ -200,8 +269,10 @@ def video_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
   samples = truth(ctx.config, split, batch)
   rows = {}
   for name, vids in frames.items():
-    clips = [video.video_metrics(v, s, reference=r) for v, s, r in zip(vids, samples, refs)]
-    rows[name] = synthdyad_metrics.aggregate(clips)
+    truths = (crosstalk_truth(samples, batch["example_index"]) if name == CROSSTALK
+              else samples)
+    clips = [video.video_metrics(v, s, reference=r) for v, s, r in zip(vids, truths, refs)]
+    rows[name] = (crosstalk_row if name == CROSSTALK else synthdyad_metrics.aggregate)(clips)
     if name != "ground truth (read)":
       rows[name].update(video.face_distribution_metrics(list(vids), true, refs, refs))
   return rows
@@ -233,7 +304,7 @@ def _report(ctx: runner.Context, split: str, rows, text: str, metric_names) -> N
     ctx.writer.write_texts(ctx.step, {f"eval_{split}": text})
 
 
-@runner.register("synthdyad", baselines=True, flame56=False, prefix="")
+@runner.register("synthdyad", baselines=True, flame56=False, crosstalk=False, prefix="")
 def synthdyad(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """{split: {"rows": {row: metrics}, "text": markdown}}; writes eval/<prefix><split>.{json,md}
   (the SynthDyad table; `prefix` tells apart several tables of one run, e.g. "n0_" for TIMAR
