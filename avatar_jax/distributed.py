@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 from collections.abc import Mapping
 
 import jax
@@ -146,8 +148,6 @@ class Preemption:
     self._previous = None
 
   def __enter__(self) -> "Preemption":
-    import signal  # pylint: disable=g-import-not-at-top
-    import threading  # pylint: disable=g-import-not-at-top
     # Python handlers can only be set from the main thread (tests and notebooks may train from
     # another; they simply get no early stop).
     if not self._multi and threading.current_thread() is threading.main_thread():
@@ -156,7 +156,6 @@ class Preemption:
 
   def __exit__(self, *exc) -> None:
     if self._previous is not None:
-      import signal  # pylint: disable=g-import-not-at-top
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
 

@@ -130,19 +130,28 @@ def crosstalk_partners(example_index: np.ndarray) -> np.ndarray:
   return out
 
 
-def crosstalk_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """`batch` with every partner input (its audio, features, motion: keys naming "partner") taken
-  from the window `crosstalk_partners` picks; the avatar's own inputs unchanged."""
-  heard = crosstalk_partners(batch["example_index"])
-  return {k: (v[heard] if "partner" in k else v) for k, v in batch.items()}
+def inputs_from(batch: Mapping[str, np.ndarray], source: np.ndarray, swap
+                ) -> dict[str, np.ndarray]:
+  """`batch` whose keys with `swap(key)` true come from windows `source` [N] (window i gets
+  window source[i]'s): shuffled audio swaps both voices, crosstalk every partner input."""
+  return {k: (v[source] if swap(k) else v) for k, v in batch.items()}
 
 
-def crosstalk_truth(samples: Sequence[Mapping[str, Any]], example_index: np.ndarray
+def _voices(key: str) -> bool:   # both voices, whichever front end reads them
+  return key.startswith(("mel_", "audio_"))
+
+
+def _partner(key: str) -> bool:  # the partner's audio, features, motion
+  return "partner" in key
+
+
+def crosstalk_truth(samples: Sequence[Mapping[str, Any]], heard: np.ndarray
                     ) -> list[dict[str, Any]]:
   """The truth of the crosstalk row: each window's own truth with the speaking flags of the
-  partner it now hears, cut or padded (silent) to its length."""
+  partner it now hears (window heard[i]'s, `crosstalk_partners`), cut or padded (silent) to its
+  length."""
   out = []
-  for s, j in zip(samples, crosstalk_partners(example_index)):
+  for s, j in zip(samples, heard):
     heard = np.asarray(samples[j]["speaking_partner"], bool)
     flags = np.zeros(len(s["speaking_partner"]), bool)
     m = min(len(flags), len(heard))
@@ -185,18 +194,15 @@ def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str,
     if n < 2:
       raise ValueError(f"config.evals.{ctx.name}: the shuffled-audio baseline needs >= 2 clips, "
                        f"num_clips={cfg.num_clips}")
-    shuffled = dict(batch)
-    order = np.roll(np.arange(n), -1)   # window i gets window i+1's audio
-    for k in keys:
-      if k.startswith(("mel_", "audio_")):   # both voices, whichever front end reads them
-        shuffled[k] = batch[k][order]
+    shuffled = inputs_from(batch, np.roll(np.arange(n), -1), _voices)  # window i+1's voices
     preds["shuffled audio"] = as_motion(runner.generate(
         system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng, **opts).value)
     preds["mean motion"] = as_motion(np.broadcast_to(np.asarray(model.mean[...]), out.value.shape))
   if cfg.crosstalk:
+    heard = crosstalk_partners(batch["example_index"])
     crossed = as_motion(runner.generate(
-        system, model, runner.split_batch(crosstalk_inputs(batch), int(cfg.batch_size)), rng,
-        **opts).value)
+        system, model, runner.split_batch(inputs_from(batch, heard, _partner),
+                                          int(cfg.batch_size)), rng, **opts).value)
   batch["_frames"] = np.full(n, out.value.shape[1])
   samples = truth(ctx.config, split, batch)
   if baselines:
@@ -204,8 +210,7 @@ def motion_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str,
   rows = score(preds, samples, with_flame56=with_flame56)
   if cfg.crosstalk:
     rows[CROSSTALK] = crosstalk_row([synthdyad_metrics.clip_metrics(p, s) for p, s in
-                                     zip(crossed, crosstalk_truth(samples,
-                                                                  batch["example_index"]))])
+                                     zip(crossed, crosstalk_truth(samples, heard))])
   return rows
 
 
@@ -245,11 +250,7 @@ def video_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
     if n < 2:
       raise ValueError(f"config.evals.{ctx.name}: the shuffled-audio baseline needs >= 2 clips, "
                        f"num_clips={cfg.num_clips}")
-    shuffled = dict(batch)
-    order = np.roll(np.arange(n), -1)
-    for k in batch:
-      if k.startswith(("mel_", "audio_")):
-        shuffled[k] = batch[k][order]
+    shuffled = inputs_from(batch, np.roll(np.arange(n), -1), _voices)
     gen = runner.generate(system, model, runner.split_batch(shuffled, int(cfg.batch_size)), rng,
                           **runner.options(cfg))
     frames["shuffled audio"] = system.decode(gen, shuffled)
@@ -258,7 +259,8 @@ def video_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
     frames[RECONSTRUCTED] = system.decode(runner.generate(
         system, model, chunks, rng, fn=lambda m, b, r: reconstruct(m, b)), batch)
   if cfg.crosstalk:
-    crossed = crosstalk_inputs(batch)
+    heard = crosstalk_partners(batch["example_index"])
+    crossed = inputs_from(batch, heard, _partner)
     frames[CROSSTALK] = system.decode(runner.generate(
         system, model, runner.split_batch(crossed, int(cfg.batch_size)), rng,
         **runner.options(cfg)), crossed)
@@ -269,8 +271,7 @@ def video_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
   samples = truth(ctx.config, split, batch)
   rows = {}
   for name, vids in frames.items():
-    truths = (crosstalk_truth(samples, batch["example_index"]) if name == CROSSTALK
-              else samples)
+    truths = crosstalk_truth(samples, heard) if name == CROSSTALK else samples
     clips = [video.video_metrics(v, s, reference=r) for v, s, r in zip(vids, truths, refs)]
     rows[name] = (crosstalk_row if name == CROSSTALK else synthdyad_metrics.aggregate)(clips)
     if name != "ground truth (read)":
