@@ -209,7 +209,7 @@ def error_summary(e: BaseException) -> str:
 
 CONFIG_FREE_KEYS = ("mesh", "evals", "train.progress_bar", "train.log_every", "train.ckpt_every",
                     "train.max_checkpoints", "data.worker_count", "data.prefetch", "data.cache",
-                    "data.synthdyad.cache")
+                    "data.synthdyad.cache", "compile_cache")
 """Config keys (and everything under them) that a resumed run may change freely: where and how
 often it runs and reports, never what it computes (a checkpoint restores onto any mesh)."""
 

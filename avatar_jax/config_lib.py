@@ -44,8 +44,21 @@ def parse_arg(arg: str | None, **defaults):
   return out
 
 
+SHARED = dict(
+    # JAX's persistent compilation cache (compile_cache.py, docs/launch.md): "" leaves JAX's own
+    # setting (JAX_COMPILATION_CACHE_DIR, else none); a directory overrides it. Where a run
+    # compiles, not what it computes: resuming may change it (checkpointing.CONFIG_FREE_KEYS).
+    compile_cache="",
+)
+"""Top-level keys every config has, with these defaults unless the config file sets them."""
+
+
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Locks a config so that setting an unknown key (e.g. `--config.trian.steps`) raises."""
+  """Adds the SHARED keys a config does not set, then locks it so that setting an unknown key
+  (e.g. `--config.trian.steps`) raises."""
+  for key, value in SHARED.items():
+    if key not in config:
+      config[key] = value
   config.lock()
   return config
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import re
 import time
@@ -32,7 +33,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from avatar_jax import checkpointing, distributed, sharding, system as system_lib, writers
+from avatar_jax import (checkpointing, compile_cache, distributed, sharding, system as system_lib,
+                        writers)
 from avatar_jax.data import pipeline
 from avatar_jax.evals import runner as evals_runner
 from avatar_jax.models import registry
@@ -339,24 +341,18 @@ def _load_entry(state, shardings, key: str, entry) -> dict:
     raise ValueError(f"config.{key}: include={include} exclude={exclude} leave nothing to load "
                      f"from {ckpt.directory}/{step}")
 
+  _check_targets(key, entry, into, chosen, source, targets, f"{ckpt.directory}/{step}")
+
   # Partial restore of exactly the chosen arrays, each laid out as its target on this mesh.
   flat_shardings = _leaves(shardings)
   request, placed = {}, {}
   for p in chosen:
-    target = f"{into}/{p}"
-    if target not in targets:
-      raise ValueError(f"config.{key}: checkpoint variable {p!r} has no counterpart {target!r} in "
-                       f"this model (into={into!r}); narrow `include`/`exclude` or fix `into`. "
-                       f"Model paths include {sorted(targets)[:8]}")
-    src_path, m = source[p]
-    first = targets[target][0]
-    if tuple(m.shape) != tuple(first[2].shape):
-      raise ValueError(f"config.{key}: {p!r} has shape {tuple(m.shape)} in {ckpt.directory}/{step} "
-                       f"but {tuple(first[2].shape)} at {target!r} in this model")
+    src_path, _ = source[p]
+    first = targets[f"{into}/{p}"][0]
     sds = jax.ShapeDtypeStruct(first[2].shape, first[2].dtype,
                                sharding=flat_shardings[(first[0], first[1])])
     _set_nested(request, src_path, sds)
-    placed[p] = (src_path, targets[target])
+    placed[p] = (src_path, targets[f"{into}/{p}"])
   loaded = ckpt.restore_partial(request, step)
   ckpt.close()
 
@@ -374,6 +370,39 @@ def _load_entry(state, shardings, key: str, entry) -> dict:
   logging.info("config.%s: loaded %d arrays (%.3fM values) from %s step %d into %s: %s",
                key, len(chosen), n / 1e6, entry.workdir, step, into, _summary(chosen))
   return out
+
+
+def _check_targets(key: str, entry, into: str, chosen, source, targets, where: str) -> None:
+  """Raises ValueError naming every chosen checkpoint variable with no counterpart under `into`
+  (grouped by the module the model lacks, with the `exclude` that leaves them out), or else
+  every shape mismatch."""
+  missing = [p for p in chosen if f"{into}/{p}" not in targets]
+  if missing:
+    # Each missing variable's first path part the model lacks, block indices generalised:
+    # "blocks/0/attn2/to_q/kernel" -> "^blocks/[0-9]+/attn2/" when blocks/0 exists but no attn2.
+    prefixes = {"/".join(t.split("/")[:i]) for t in targets for i in range(1, t.count("/") + 2)}
+    groups = {}
+    for p in missing:
+      parts = p.split("/")
+      i = next(i for i in range(len(parts)) if "/".join([into] + parts[:i + 1]) not in prefixes)
+      head = "/".join("[0-9]+" if q.isdigit() else q for q in parts[:i + 1])
+      groups.setdefault("^" + head + ("/" if i + 1 < len(parts) else "$"), []).append(p)
+    exclude = tuple(entry.get("exclude") or ()) + tuple(groups)
+    flag = "(" + ", ".join(map(json.dumps, exclude)) + ("," if len(exclude) == 1 else "") + ")"
+    under = sorted(t for t in targets if t.startswith(into + "/")) or sorted(targets)
+    raise ValueError(
+        f"config.{key}: no counterpart {_summary([repr(f'{into}/{p}') for p in missing], 6)} in "
+        f"this model for {len(missing)} of the {len(chosen)} variables chosen from {where} "
+        f"(into={into!r}). The model lacks "
+        f"{', '.join(f'{g} ({len(v)} variables)' for g, v in groups.items())}. Leave them out "
+        f"with --config.{key}.exclude='{flag}' (or narrow `include`), or fix `into`. Model "
+        f"paths there include {under[:8]}")
+  bad = [f"{p!r} has shape {tuple(source[p][1].shape)} in the checkpoint but "
+         f"{tuple(targets[f'{into}/{p}'][0][2].shape)} at '{into}/{p}'" for p in chosen
+         if tuple(source[p][1].shape) != tuple(targets[f"{into}/{p}"][0][2].shape)]
+  if bad:
+    raise ValueError(f"config.{key}: {len(bad)} variables of {where} have another shape in this "
+                     f"model (another architecture config?): {_summary(bad, 8)}")
 
 
 _copy = jax.jit(jnp.copy)
@@ -420,6 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # ------------------------------------------------------------------ mesh + setup
   workdir = os.path.abspath(workdir)
+  compile_cache.apply(config)   # before the first compile (config.compile_cache)
   mesh = sharding.make_mesh(dict(config.mesh))  # Validated before anything is written.
   distributed.check_same_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -503,6 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.wait()
     logging.info("Training %s in %.1f s.", "stopped" if stop else "done",
                  time.monotonic() - t_start)
+    compile_cache.log_summary()
   train_iter.close()
   writer.flush()
   ckpt.close()
@@ -544,6 +575,7 @@ def restore_model(workdir: str, *, ema: bool = True, mesh_shape: Mapping[str, in
     # The latest checkpoint unless it does not read back; the workdir is left as it is.
     try:
       config = ckpt.restore_config(step)
+      compile_cache.apply(config)   # the run's config.compile_cache, before the first compile
       s = setup(config, mesh, fit=False, init_from=False, abstract=True)
       want = {k: s.state[k] for k in (weights, "frozen", "rest") if jax.tree.leaves(s.state[k])}
       got = ckpt.restore_partial(want, step)

@@ -21,6 +21,13 @@ or on CPU a measured float32 matmul).
 
 Video-DiT configs (pre-encoded latents) time on a random batch of the training layout
 (benchmarks/dit_step.py's `bm_batch`); other configs on one real batch of their data.
+
+Every layout must compute the same step: the first step's loss and gradient norm of each row
+(columns `loss`, `grad norm`) are checked against the one-device run on the same global batch
+(`--rtol`, relative; rows with no one-device run of their batch against the first row that has
+it); a disagreement is listed after the table and the benchmark exits with an error. Runs with
+the same mesh and global batch (the one-device runs of every layout; weak and strong scaling
+where their batches coincide) are compiled and timed once and their row repeated.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import argparse
 import copy
 import datetime
 import importlib.util
+import math
 import os
 import platform
 
@@ -61,8 +69,9 @@ def run_one(base, layout: str, n: int, batch: int, res: int, steps: int, warmup:
     if is_video(config):
       config.data.source = "synthdyad"   # only data facts (fps, mel rate) are read
   host = dit_step.bm_batch(config, batch, res) if is_video(config) else None
+  # init_from weights (e.g. the video DiT's VAE workdir) are not needed to time the step.
   r = train_step.benchmark(config, steps=steps, warmup=warmup, peak_tflops=peak_tflops,
-                           devices=jax.devices()[:n], host_batch=host)
+                           devices=jax.devices()[:n], host_batch=host, init_from=False)
   return dict(r, layout=layout, n=n, global_batch=batch)
 
 
@@ -73,7 +82,7 @@ def rows(args) -> list[dict]:
   skipped = sorted(set(args.devices) - set(counts))
   if skipped:
     print(f"(only {jax.device_count()} devices: no runs on {skipped})")
-  out = []
+  out, measured = [], {}
   strong = args.global_batch or args.batch_per_device * max(counts)
   for layout in args.layouts:
     for kind in ("weak", "strong"):
@@ -85,11 +94,33 @@ def rows(args) -> list[dict]:
         if layout != "context" and batch % n:
           print(f"| {layout} | {kind} | {n} | batch {batch} does not split over {n} devices |")
           continue
-        r = run_one(base, layout, n, batch, res, args.steps, args.warmup, args.peak_tflops)
-        r["kind"] = kind
+        # One device is the same program whatever the layout: measured once.
+        key = ("one" if n == 1 else layout, n, batch)
+        if key not in measured:
+          measured[key] = run_one(base, layout, n, batch, res, args.steps, args.warmup,
+                                  args.peak_tflops)
+        r = dict(measured[key], layout=layout, kind=kind)
         out.append(r)
         print_row(r, out, flush=True)
   return out
+
+
+def check_agreement(done: list[dict], rtol: float) -> list[str]:
+  """Rows whose first-step loss or gradient norm differs from the reference run on the same
+  global batch (the one-device run, else the first row with that batch) by more than `rtol`
+  (relative); also non-finite ones. Sets each row's `reference` (its row index in `done`)."""
+  bad = []
+  for r in done:
+    same = [j for j, d in enumerate(done) if d["global_batch"] == r["global_batch"]]
+    ref = next((j for j in same if done[j]["n"] == 1), same[0])
+    r["reference"] = ref
+    for q in ("loss", "grad_norm"):
+      a, b = r[q], done[ref][q]
+      if not (math.isfinite(a) and abs(a - b) <= rtol * abs(b)):
+        bad.append(f"{r['layout']} {r['kind']} on {r['n']} devices: {q} {a:.7g}, but "
+                   f"{done[ref]['layout']} {done[ref]['kind']} on {done[ref]['n']} "
+                   f"device(s) with the same global batch {r['global_batch']}: {b:.7g}")
+  return bad
 
 
 def efficiency(r: dict, done: list[dict]) -> float:
@@ -100,16 +131,22 @@ def efficiency(r: dict, done: list[dict]) -> float:
   return t1 / tn if r["kind"] == "weak" else t1 / (r["n"] * tn)
 
 
-HEADER = ("| layout | scaling | devices | mesh | global batch | step (ms) | examples/s | efficiency "
-          "| MFU / device |\n|---|---|---:|---|---:|---:|---:|---:|---:|")
+COLUMNS = ("layout", "scaling", "devices", "mesh", "global batch", "step (ms)", "examples/s",
+           "efficiency", "MFU / device", "loss", "grad norm")
+HEADER = ("| " + " | ".join(COLUMNS) + " |\n"
+          "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def format_row(r: dict) -> str:
+  mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
+  return (f"| {r['layout']} | {r['kind']} | {r['n']} | {mesh} | {r['global_batch']} | "
+          f"{r['step_ms']:.1f} | {r['examples_per_s']:.1f} | {r['efficiency']:.2f} | "
+          f"{100 * r['mfu']:.1f} % | {r['loss']:.5g} | {r['grad_norm']:.5g} |")
 
 
 def print_row(r: dict, done: list[dict], flush: bool = False) -> None:
-  mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
   r["efficiency"] = efficiency(r, done)
-  print(f"| {r['layout']} | {r['kind']} | {r['n']} | {mesh} | {r['global_batch']} | "
-        f"{r['step_ms']:.1f} | {r['examples_per_s']:.1f} | {r['efficiency']:.2f} | "
-        f"{100 * r['mfu']:.1f} % |", flush=flush)
+  print(format_row(r), flush=flush)
 
 
 def main(argv=None) -> list[dict]:
@@ -123,6 +160,10 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--peak_tflops", type=float, default=None)
+  ap.add_argument("--rtol", type=float, default=1e-2,
+                  help="allowed relative difference of a layout's first-step loss and gradient "
+                  "norm from the one-device run on the same batch (float32 on CPU agrees to "
+                  "~1e-6; bf16 compute and TF32 matmuls to less)")
   ap.add_argument("--out_md", default="")
   args = ap.parse_args(argv)
   args.devices = [int(n) for n in args.devices.split(",")]
@@ -135,14 +176,18 @@ def main(argv=None) -> list[dict]:
            f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
   print(title + "\n\n" + HEADER, flush=True)
   out = rows(args)
+  bad = check_agreement(out, args.rtol)
+  verdict = (f"\nLayouts DISAGREE (first-step loss / gradient norm, rtol {args.rtol:g}):\n  "
+             + "\n  ".join(bad) if bad else
+             f"\nEvery layout's first-step loss and gradient norm match the one-device run on "
+             f"the same global batch (rtol {args.rtol:g}).")
+  print(verdict, flush=True)
   if args.out_md:
     with open(args.out_md, "w") as f:
-      f.write(title + "\n\n" + HEADER + "\n")
-      for r in out:
-        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
-        f.write(f"| {r['layout']} | {r['kind']} | {r['n']} | {mesh} | {r['global_batch']} | "
-                f"{r['step_ms']:.1f} | {r['examples_per_s']:.1f} | {r['efficiency']:.2f} | "
-                f"{100 * r['mfu']:.1f} % |\n")
+      f.write(title + "\n\n" + HEADER + "\n" + "".join(format_row(r) + "\n" for r in out))
+      f.write(verdict + "\n")
+  if bad:
+    raise SystemExit(f"{len(bad)} rows compute another step than the one-device run (see above)")
   return out
 
 

@@ -72,14 +72,15 @@ def _cost(compiled) -> dict:
 
 
 def benchmark(config, *, steps: int, warmup: int, peak_tflops: float | None = None,
-              devices=None, host_batch=None) -> dict:
+              devices=None, host_batch=None, init_from: bool = True) -> dict:
   """Compiles and times the train step of `config`; returns the measured numbers.
 
   devices: the devices of the mesh (default all); host_batch: the batch to time on (default one
-  real batch of the config's data; a given batch skips the data statistics too).
+  real batch of the config's data; a given batch skips the data statistics too); init_from:
+  load `config.init_from` weights (False: the initialised ones; the step is the same program).
   """
   mesh = sharding.make_mesh(dict(config.mesh), devices)
-  s = trainer.setup(config, mesh, fit=host_batch is None)
+  s = trainer.setup(config, mesh, fit=host_batch is None, init_from=init_from)
   n_params = s.num_params["trainable"]
   if host_batch is None:
     host_batch = next(pipeline.make(config.data, "train", keys=s.system.data_spec().keys,
@@ -96,12 +97,15 @@ def benchmark(config, *, steps: int, warmup: int, peak_tflops: float | None = No
     t2 = time.perf_counter()
     flops = float(_cost(compiled).get("flops", float("nan")))
 
+    first = None   # the metrics of the first step (from the initial state): what layouts share
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
+      first = metrics if first is None else first
     jax.block_until_ready((state, metrics))
     t3 = time.perf_counter()
     for _ in range(steps):
       state, metrics = compiled(state, batch)
+      first = metrics if first is None else first
     jax.block_until_ready((state, metrics))
     t4 = time.perf_counter()
   if not np.isfinite(float(metrics["loss"])):
@@ -122,7 +126,10 @@ def benchmark(config, *, steps: int, warmup: int, peak_tflops: float | None = No
       step_ms=1000 * step_s, steps_per_s=1.0 / step_s,
       examples_per_s=config.data.batch_size / step_s, gflops_per_device_step=flops / 1e9,
       tflops_per_device=achieved, peak_tflops=peak, peak_source=peak_source,
-      mfu=achieved / peak, attention=impls)
+      mfu=achieved / peak, attention=impls,
+      # The first step's loss and gradient norm: on the same batch, any mesh computes these
+      # (benchmarks/scaling.py checks that its layouts agree).
+      loss=float(first["loss"]), grad_norm=float(first["grad_norm"]))
 
 
 def attention_implementations(model, config) -> str:

@@ -30,6 +30,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from avatar_jax import compile_cache
 from avatar_jax.data import arrays
 from avatar_jax.data import features as features_lib
 from avatar_jax.data import pipeline
@@ -174,6 +175,7 @@ def encode(config: ml_collections.ConfigDict, out: str, encoder: str = "mel",
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
+  compile_cache.apply(config)   # before the first compile (config.compile_cache)
   data = config.data
   splits = tuple(splits or data.split_sizes.keys())
   enc = (mel_encoder(data, splits[0]) if encoder == "mel"
@@ -239,5 +241,6 @@ def encode(config: ml_collections.ConfigDict, out: str, encoder: str = "mel",
       logging.info("%s: shard %d/%d of %r done (%d examples).", out, s + 1, shards, split, hi - lo)
     if bar is not None:
       bar.close()
+  compile_cache.log_summary()
   return meta
 
