@@ -16,20 +16,22 @@ nod_f1, smile_resp, brow_resp, FD-face, FVD-face) against shuffled audio and the
 reading of the true video, on whole test and ood clips.
 
 Arguments (`--config configs/bm_synthdyad.py:size=tiny,attn=frame`):
-  size (tiny | S | B: models/dit.py presets), res (64 | 128: picks the default VAE workdir and
-  latents), attn (gaussian_learned | gaussian_fixed | frame | global: the audio cross-attention's
-  time prior, Beyond Monologue's ablation), steps, batch, lr, seed, clip_frames (training window,
-  video frames, a multiple of 4), dtype (compute), remat (recompute blocks in the backward pass),
-  latents (the encode job's --out; default runs/vae_s<res>_latents), vae (the VAE workdir;
-  default runs/vae_s<res>; "" = none: generation returns latents and only the flow loss is
-  tracked), vae_size (its preset: S, tiny for size=tiny), eval_clips.
+  size (tiny | S | B: models/dit.py presets), dit (the backbone's models/dit.py preset if not
+  size's, e.g. wan2.1-1.3B to start from converted Wan 2.1-1.3B weights: docs/video_dit.md),
+  res (64 | 128: picks the default VAE workdir and latents), attn (gaussian_learned |
+  gaussian_fixed | frame | global: the audio cross-attention's time prior, Beyond Monologue's
+  ablation), steps, batch, lr, seed, clip_frames (training window, video frames, a multiple
+  of 4), dtype (compute), remat (recompute blocks in the backward pass), latents (the encode
+  job's --out; default runs/vae_s<res>_latents), vae (the VAE workdir; default runs/vae_s<res>;
+  "" = none: generation returns latents and only the flow loss is tracked), vae_size (its
+  preset: S, tiny for size=tiny), eval_clips.
 S's GPU training and the ablation have not run yet (docs/video_dit.md, Status); their results
 and commands go to docs/tables.md.
 """
 from avatar_jax import config_lib
 from avatar_jax.data import pipeline
 from avatar_jax.evals import runner
-from avatar_jax.models import vae
+from avatar_jax.models import dit, vae
 from avatar_jax.models.video import beyond_monologue as bm
 
 SIZES = {
@@ -40,11 +42,13 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, size="S", res=64, attn="gaussian_learned", steps=0, batch=0,
-                             lr=0.0, seed=0, clip_frames=48, dtype="bfloat16", remat=False,
+  arg = config_lib.parse_arg(arg, size="S", dit="", res=64, attn="gaussian_learned", steps=0,
+                             batch=0, lr=0.0, seed=0, clip_frames=48, dtype="bfloat16", remat=False,
                              latents="", vae="-", vae_size="", eval_clips=16)
   if arg.size not in SIZES:
     raise ValueError(f"config argument size={arg.size!r}: expected one of {sorted(SIZES)}")
+  if arg.dit and arg.dit not in dit.PRESETS:
+    raise ValueError(f"config argument dit={arg.dit!r}: expected one of {sorted(dit.PRESETS)}")
   if arg.clip_frames % 4:
     raise ValueError(f"config argument clip_frames={arg.clip_frames}: must be a multiple of 4 "
                      "(one latent frame per 4 video frames)")
@@ -63,14 +67,15 @@ def get_config(arg=None):
   c.data.clip_frames = arg.clip_frames
   c.data.batch_size = arg.batch or size["batch"]
 
-  c.model = bm.default_config("tiny" if arg.size == "tiny" else arg.size, arg.attn)
+  c.model = bm.default_config(arg.dit or arg.size, arg.attn)
   c.model.dit.dtype = arg.dtype
   c.model.dit.remat = arg.remat
   if arg.size == "tiny":
     c.model.adapters.num_queries = 2
   vae_dir = f"runs/vae_s{arg.res}" if arg.vae == "-" else arg.vae
   c.init_from = config_lib.ml_collections.ConfigDict(dict(
-      main=config_lib.init_from(),      # e.g. a converted Wan DiT: include="dit/.*"
+      # e.g. a converted Wan DiT (`python -m avatar_jax.convert wan_dit --no_text`) into model/dit
+      main=config_lib.init_from(),
       vae=config_lib.init_from(vae_dir, into="model/vae")))
   if vae_dir:
     c.model.vae = vae.default_config(arg.vae_size or ("tiny" if arg.size == "tiny" else "S"))

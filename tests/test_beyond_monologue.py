@@ -1,15 +1,18 @@
 """Beyond Monologue's video DiT system (models/video/beyond_monologue.py) end to end on CPU:
 a tiny VAE, its latents pre-encoded, the DiT trained, resumed and evaluated through the face
-reader; windowed long-video sampling; the latent frames' times."""
+reader; windowed long-video sampling; the latent frames' times; starting from converted Wan 2.1
+DiT weights."""
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from avatar_jax import trainer
 from avatar_jax.data import pipeline
@@ -96,6 +99,127 @@ def test_trains_resumes_and_scores_video(latents, trained, tmp_path):
   c2.evals = {}
   trainer.train_and_evaluate(c2, again, allow_config_change=("train.num_steps",))
   assert trainer.restore_model(again)[3] == 5
+
+
+def _flat_params(module, skip=()):
+  """{"a/b/0/c": array} of a module's nnx.Params, leaving out paths through any `skip` name."""
+  return {"/".join(map(str, p)): np.asarray(v[...])
+          for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param)) if not set(skip) & set(p)}
+
+
+def test_starts_unchanged_from_converted_wan_weights(latents, tmp_path):
+  """docs/video_dit.md's path from published Wan 2.1 DiT weights: a diffusers
+  WanTransformer3DModel of the tiny backbone's shape (text cross-attention included, as Wan
+  publishes it, with its output zeroed so that it computes what the text-free backbone does),
+  converted by `python -m avatar_jax.convert wan_dit --no_text`, then trained with
+  init_from.main.workdir=<converted>, into=model/dit. Every backbone weight lands in model.dit;
+  the audio adapters keep their initialisation; the velocity at step 0 is the bare Wan DiT's
+  (ours and diffusers'), since the audio cross-attention's output projections start at zero."""
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  from ml_collections.config_flags import tuple_parser  # pylint: disable=g-import-not-at-top
+  from avatar_jax import checkpointing, convert, sharding  # pylint: disable=g-import-not-at-top
+  from avatar_jax.models import dit  # pylint: disable=g-import-not-at-top
+  from test_dit import (  # pylint: disable=g-import-not-at-top
+      reference_output, silence_text, wan_reference)
+  config = _bm_config(latents, "steps=2,dtype=float32")
+  config.evals = {}
+  dcfg = config.model.dit
+  assert not dcfg.use_text
+  ref = silence_text(wan_reference(dit.diffusers_config(dcfg)))
+  ref.save_pretrained(str(tmp_path / "wan"))
+  out, out_text = str(tmp_path / "converted"), str(tmp_path / "converted_text")
+  assert convert.main(["wan_dit", "--src", str(tmp_path / "wan"), "--out", out, "--no_text"]) == 0
+  assert convert.main(["wan_dit", "--src", str(tmp_path / "wan"), "--out", out_text]) == 0
+  # The checkpoint holds the backbone only (no audio adapters), as frozen parameters.
+  ckpt = checkpointing.Checkpointer(os.path.join(out, "checkpoints"))
+  meta = ckpt.state_metadata(0)
+  ckpt.close()
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(meta)[0]]
+  assert set(meta) == {"frozen"} and any("'blocks'" in p for p in paths)
+  assert not [p for p in paths if any(f"'{w}'" in p for w in ("extra", "qf", "null", "front"))]
+  _, bare = dit.load_checkpoint(out, dtype="float32")
+  converted = _flat_params(bare)
+
+  # ---------------------------------------------------------------- step 0, through setup
+  config.init_from.main.workdir = out
+  config.init_from.main.into = "model/dit"
+  mesh = sharding.make_mesh(dict(config.mesh))
+  s = trainer.setup(config, mesh, init_from=False)
+  fresh = s.model(jax.device_get(s.state))
+  state = trainer.load_init_from(s.state, s.shardings, config.init_from)   # what setup does
+  model = s.model(state)
+  for ema in (True, False):       # trained parameters and their EMA both start at the weights
+    got = _flat_params(s.model(state, ema=ema).dit, skip=("extra",))
+    assert set(got) == set(converted)
+    for k, v in converted.items():
+      np.testing.assert_array_equal(got[k], v, err_msg=k)
+  init = _flat_params(fresh, skip=("vae",))
+  loaded = _flat_params(model, skip=("vae",))
+  backbone = {f"dit/{k}" for k in converted}
+  assert [k for k in init if k.startswith(("qf/", "null/")) or "/extra/" in k]   # the adapters
+  for k, v in init.items():
+    if k in backbone:
+      assert np.abs(loaded[k] - v).max() > 0, k           # replaced (no weight equals its init)
+    else:
+      np.testing.assert_array_equal(loaded[k], v, err_msg=k)   # adapters keep their init
+
+  # The velocity at init: BM's (reference frame prepended as latent frame 0 at t = 1, audio
+  # cross-attention on both streams) = the bare converted DiT's = diffusers' (σ = 1 − t).
+  it = pipeline.make(config.data, "train", keys=s.system.data_spec().keys, shuffle=False,
+                     num_epochs=1, shard_index=0, shard_count=1)
+  batch = s.batch(next(it))
+  b, f = batch["latent_self"].shape[:2]
+  r = np.random.default_rng(0)
+  x_t = r.normal(size=batch["latent_self"].shape).astype(np.float32)
+  t = r.uniform(0.05, 0.95, (b, f)).astype(np.float32)
+  x_full = np.concatenate([np.asarray(batch["reference_latent"]), x_t], axis=1)
+  t_full = np.concatenate([np.ones((b, 1), np.float32), t], axis=1)
+  with trainer.use_mesh(mesh):
+    def bm_velocity(model, batch, x_t, t):
+      drop = {k: jnp.zeros((b,), bool) for k in ("self", "partner")}
+      first_row = jnp.asarray(batch["clip_start"], jnp.int32) // config.model.stride
+      cond = model.condition(batch, first_row, f, drop)
+      return model(x_t, t, batch["reference_latent"], cond), cond
+
+    got, cond = nnx.jit(bm_velocity)(model, batch, jnp.asarray(x_t), jnp.asarray(t))
+    got = np.asarray(got)
+  assert min(np.abs(np.asarray(cond[k]["tokens"])).max() for k in ("self", "partner")) > 0.1
+  bare_v = np.asarray(nnx.jit(lambda m, x, t: m.velocity(x, t))(bare, x_full, t_full))[:, 1:]
+  text = r.normal(size=(b, 3, dcfg.text_dim)).astype(np.float32)   # silenced in the reference
+  want = -reference_output(ref, x_full, (1.0 - t_full) * 1000.0, text)[:, 1:]
+  assert got.shape == want.shape == x_t.shape and np.abs(want).max() > 0.5
+  err_bare, err_ref = np.abs(got - bare_v).max(), np.abs(got - want).max()
+  print(f"max |v_BM - v_Wan (ours)| = {err_bare:.2e}, max |v_BM - v_diffusers| = {err_ref:.2e}")
+  assert err_bare <= 1e-4 and err_ref <= 1e-4, (err_bare, err_ref)
+
+  # ---------------------------------------------------------------- the text-full conversion
+  # Its text weights have no place in the text-free backbone: the error names them and the
+  # `exclude` that leaves them out, which then loads the same backbone.
+  config.init_from.main.workdir = out_text
+  with pytest.raises(ValueError, match=r"(?s)no counterpart 'model/dit/blocks/0/attn2/.*"
+                                       r"\^blocks/\[0-9\]\+/attn2/ \(20 variables\).*"
+                                       r"\^text_embedder/ \(4 variables\).*exclude=") as e:
+    trainer.load_init_from(s.state, s.shardings, config.init_from)
+  flag = re.search(r"exclude='([^']*)'", str(e.value)).group(1)
+  config.init_from.main.exclude = tuple(tuple_parser.TupleParser().parse(flag))
+  again = _flat_params(s.model(trainer.load_init_from(s.state, s.shardings, config.init_from)).dit,
+                       skip=("extra",))
+  for k, v in converted.items():
+    np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+  # ---------------------------------------------------------------- training from them
+  config.init_from.main.workdir, config.init_from.main.exclude = out, ()
+  workdir = str(tmp_path / "bm_from_wan")
+  trainer.train_and_evaluate(config, workdir)
+  losses = harness.read_scalars(os.path.join(workdir, "tb"), "train/loss")[0]
+  assert sorted(losses) == [2] and np.isfinite(losses[2])
+  _, trained, _, step = trainer.restore_model(workdir, ema=False)
+  assert step == 2
+  moved = _flat_params(trained.dit, skip=("extra",))
+  # Two Adam steps from the converted weights (lr 1e-3), not from a fresh initialisation.
+  diffs = [np.abs(moved[k] - v).max() for k, v in converted.items()]
+  assert 0 < max(diffs) < 1e-2, max(diffs)
 
 
 def test_windowed_sampling_continues_each_window_from_the_last(trained):

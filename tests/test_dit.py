@@ -39,7 +39,7 @@ def _normal(shape, seed):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
-def _reference_output(ref, x, timestep, text):
+def reference_output(ref, x, timestep, text):
   """diffusers' forward on our channel-last latents; per-frame timesteps go in per token."""
   import torch  # pylint: disable=g-import-not-at-top
   if timestep.ndim == 2:
@@ -50,29 +50,46 @@ def _reference_output(ref, x, timestep, text):
   return out.numpy().transpose(0, 2, 3, 4, 1)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """(torch model, its folder, the same model with the text cross-attention output zeroed, its
-  folder): the second is what a text-free backbone computes."""
-  torch = pytest.importorskip("torch")
-  diffusers = pytest.importorskip("diffusers")
-  torch.manual_seed(0)
-  ref = diffusers.WanTransformer3DModel(**TINY_REF).eval()
+def wan_reference(kwargs, seed=0):
+  """A random diffusers WanTransformer3DModel(**kwargs) in eval mode, moved away from identity
+  norms, zero biases and the zero-initialised output layer (so every weight shows in its
+  output). Shared with tests/test_beyond_monologue.py."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  ref = diffusers.WanTransformer3DModel(**kwargs).eval()
   with torch.no_grad():
-    # Away from identity norms, zero biases and the zero-initialised output layer.
     for name, p in ref.named_parameters():
       if "norm" in name or name.endswith("bias"):
         p.add_(0.1 * torch.randn_like(p))
       elif name.startswith("proj_out"):
         p.normal_(0, 0.1)
+  return ref
+
+
+def silence_text(ref):
+  """`ref` with its text cross-attention outputs zeroed (in place): what a text-free backbone
+  computes, whatever text it is handed."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    for block in ref.blocks:
+      block.attn2.to_out[0].weight.zero_()
+      block.attn2.to_out[0].bias.zero_()
+  return ref
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """(torch model, its folder, the same model with the text cross-attention output zeroed, its
+  folder): the second is what a text-free backbone computes."""
+  pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  ref = wan_reference(TINY_REF)
   path = str(tmp_path_factory.mktemp("wan_dit_tiny"))
   ref.save_pretrained(path)
   quiet = diffusers.WanTransformer3DModel(**TINY_REF).eval()
   quiet.load_state_dict(ref.state_dict())
-  with torch.no_grad():
-    for block in quiet.blocks:
-      block.attn2.to_out[0].weight.zero_()
-      block.attn2.to_out[0].bias.zero_()
+  silence_text(quiet)
   quiet_path = str(tmp_path_factory.mktemp("wan_dit_tiny_quiet"))
   quiet.save_pretrained(quiet_path)
   return ref, path, quiet, quiet_path
@@ -90,7 +107,7 @@ def test_matches_diffusers_with_text(reference, model):
   x, text = _normal(LATENTS, 0), _normal(TEXT, 1)
   for timestep in (np.array([437.0, 12.5], np.float32),                  # one per example
                    np.array([[999.0, 500.0, 3.0], [250.0, 250.0, 0.0]], np.float32)):  # per frame
-    want = _reference_output(ref, x, timestep, text)
+    want = reference_output(ref, x, timestep, text)
     got = _forward(model, x, timestep, text)
     assert got.shape == LATENTS and got.dtype == np.float32
     err = np.abs(got - want).max()
@@ -107,7 +124,7 @@ def test_matches_diffusers_without_text(reference):
   assert not cfg.use_text and ours.text_embedder is None and ours.blocks[0].attn2 is None
   x, text = _normal(LATENTS, 2), _normal(TEXT, 3)      # text is ignored by the quiet reference
   timestep = np.array([700.0, 70.0], np.float32)
-  want = _reference_output(quiet, x, timestep, text)
+  want = reference_output(quiet, x, timestep, text)
   assert np.abs(_forward(ours, x, timestep) - want).max() <= 1e-3
   # The flow-convention wrapper: t = 1 − σ, opposite sign.
   t = 1.0 - timestep / 1000.0
@@ -133,7 +150,7 @@ def test_matches_diffusers_without_cross_attn_norm_temporal_patch(tmp_path):
   cfg, ours = dit.load_diffusers(str(tmp_path), dtype="float32")
   assert not cfg.cross_attn_norm and ours.blocks[0].norm2 is None
   x, text, ts = _normal((2, 4, 8, 12, 4), 9), _normal(TEXT, 10), np.array([10.0, 990.0], np.float32)
-  want = _reference_output(ref, x, ts, text)
+  want = reference_output(ref, x, ts, text)
   got = _forward(ours, x, ts, text)
   assert got.shape == x.shape and np.abs(got - want).max() <= 1e-3
 
@@ -302,6 +319,12 @@ def test_export_and_convert_cli_round_trip(reference, model, tmp_path):
   folder = dit.save_diffusers(restored, str(tmp_path / "exported"))
   _, again = dit.load_diffusers(folder, dtype="float32")
   assert dit.num_params(again) == dit.num_params(model)
+  # Converting again into the same --out is refused and leaves the first conversion intact.
+  with pytest.raises(FileExistsError, match="already holds a checkpoint.*another --out"):
+    convert.main(["wan_dit", "--src", path, "--out", out])
+  _, kept = dit.load_checkpoint(out, dtype="float32")
+  for x, y in zip(jax.tree.leaves(nnx.state(kept)), b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_dit_step_benchmark_rows_on_cpu():

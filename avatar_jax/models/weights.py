@@ -32,6 +32,11 @@ def save_converted(out_dir: str, parts: dict, config, config_file: str) -> str:
   other variables}) as step 0 under out_dir/checkpoints (so `config.init_from` loads them), and
   the architecture `config` (a ConfigDict) as out_dir/<config_file>. Returns out_dir."""
   from avatar_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  ckpt_dir = os.path.join(out_dir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    # Never overwrite: the folder may be what a run's init_from points at.
+    raise FileExistsError(f"{ckpt_dir} already holds a checkpoint ({sorted(os.listdir(ckpt_dir))}); "
+                          f"remove {out_dir} or pass another --out")
   os.makedirs(out_dir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
   ckpt.save(0, parts, config=config, force=True)
