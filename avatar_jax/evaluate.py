@@ -1,6 +1,6 @@
 """Evaluate trained runs: `python -m avatar_jax.evaluate --workdir DIR [--split test,ood]
 [--num_clips N] [--evals name,...] [--crosstalk] [--table timar|synthdyad|synthdyad_ablation|dualtalk|
-avatar_forcing|echo] [--seeds 0,1,2] [--options history_turns=0]`.
+avatar_forcing|echo] [--seeds 0,1,2] [--options history_turns=0] [--probe_clips N]`.
 
 Loads the last checkpoint (EMA weights) and its config from `--workdir` and runs the metric
 evaluators the config declares (`config.evals`, see evals/runner.py; sample videos are left to
@@ -22,7 +22,7 @@ from avatar_jax.evals import motion, runner, tables
 def _define_flags():
   """CLI flags, defined only when run as a program."""
   global _WORKDIR, _NAMES, _SPLITS, _CLIPS, _EVALS, _TABLE, _SEEDS, _SAVED, _REFS, _OUT, _OPTIONS
-  global _PREFIX, _CROSSTALK
+  global _PREFIX, _CROSSTALK, _PROBE
   _WORKDIR = flags.DEFINE_list("workdir", None, "Training workdir(s) (checkpoints + config).")
   _NAMES = flags.DEFINE_list("names", None, "Row label per workdir (default: its basename); "
                              "workdirs with the same label are averaged (mean ± 95% CI).")
@@ -47,6 +47,8 @@ def _define_flags():
                                  "SynthDyad table's crosstalk row: the own voice with another "
                                  "conversation's partner talking over it (default: the run's "
                                  "config).")
+  _PROBE = flags.DEFINE_integer("probe_clips", None, "Reconstruction evaluators: fit the latent "
+                                "probe on this many train clips (0: off; default: the config's).")
   _OUT = flags.DEFINE_string("out", None, "Where to write <out>.md/.json (default: "
                              "<first workdir>/eval/table_<table>).")
 
@@ -60,7 +62,8 @@ def _evaluate(workdir: str) -> None:
     raise app.UsageError(f"{workdir}: the config declares no metric evaluator (config.evals)")
   results = runner.run(system, model, config, workdir, step=step, only=names, force=True,
                        overrides={"split": ",".join(_SPLITS.value or []) or None,
-                                  "num_clips": _CLIPS.value, "crosstalk": _CROSSTALK.value})
+                                  "num_clips": _CLIPS.value, "crosstalk": _CROSSTALK.value,
+                                  "probe_clips": _PROBE.value})
   for per_split in results.values():
     for res in (per_split or {}).values():
       if isinstance(res, dict) and "text" in res:

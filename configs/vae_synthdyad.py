@@ -10,7 +10,8 @@ Arguments (`--config configs/vae_synthdyad.py:size=tiny,res=64,steps=100`):
   mouth region's pixels: 1 + lip inside it; 0 = plain means), seed,
   dtype (compute: float32 | bfloat16), workers (data processes rendering the clips).
 Evaluators: a reconstruction table (PSNR, face-reader R² of jaw_open / smile / head_pitch read
-from reconstructions, evals/reconstruction.py) on whole test clips, and a sample mp4
+from reconstructions, and a linear probe of the same coefficients from the latents,
+evals/reconstruction.py) on whole test clips, and a sample mp4
 (original | reconstruction). Pre-encode latents for the DiT afterwards with
 `python -m avatar_jax.encode --config configs/vae_synthdyad.py:res=64 --encoder runs/vae_s64 --out DIR`.
 """
@@ -48,8 +49,10 @@ def get_config(arg=None):
   c.train = dict(num_steps=arg.steps, log_every=100, ckpt_every=1000, max_checkpoints=2,
                  stats_batches=1, progress_bar=True)
   c.evals = dict(
+      # probe_clips: the latent probe (do the latents carry jaw / smile / pitch linearly?) fitted
+      # on 3× as many train clips as are scored.
       recon=runner.evaluator("reconstruction", split="test", num_clips=arg.eval_clips,
-                             batch_size=2, at_end=True),
+                             batch_size=2, at_end=True, probe_clips=3 * arg.eval_clips),
       sample=runner.evaluator("video", split="test", at_end=True),
   )
   return config_lib.lock(c)

@@ -338,6 +338,7 @@ def _trains_evaluates_and_pre_encodes_latents(tmp_path):
   spec.loader.exec_module(mod)
   c = mod.get_config("size=tiny,res=32,frames=5,batch=8,steps=3,eval_clips=2")
   c.data.split_sizes.train, c.data.split_sizes.test, c.data.split_sizes.ood = 8, 2, 2
+  c.evals.recon.probe_clips = 4
   c.data.synthdyad.duration_s = 1.6   # 40-frame clips keep CPU evaluation short
   c.train.log_every, c.train.progress_bar = 1, False
   c.evals.sample.at_end = False
@@ -347,6 +348,12 @@ def _trains_evaluates_and_pre_encodes_latents(tmp_path):
     m = json.load(f)["rows"]["model"]
   assert m["clips"] == 2 and np.isfinite(m["psnr"]) and m["psnr"] > 5.0
   assert {"r2_jaw_open", "r2_smile", "r2_head_pitch", "r2_jaw_open_original"} <= set(m)
+  # The linear probe ran from 4 train clips' latents and coarse pixels (40 frames: 10 latent rows
+  # each); a probe cannot beat a perfect fit, and an untrained VAE's latents are no better at it
+  # than its pixels by much.
+  for ch in ("jaw_open", "head_pitch"):
+    assert m[f"probe_{ch}"] <= 1.0 and m[f"probe_{ch}_pixels"] <= 1.0
+    assert np.isfinite(m[f"probe_{ch}"]) and np.isfinite(m[f"probe_{ch}_pixels"])
 
   out = str(tmp_path / "latents")
   encoding.encode(c, out, workdir, splits=["test"], shard_size=2, batch_size=2, progress=False)
@@ -373,6 +380,31 @@ def _trains_evaluates_and_pre_encodes_latents(tmp_path):
                              seed=0, shard_index=0, shard_count=1))
   assert batch["latent_self"].shape == (2, 2, 4, 4, 16) and batch["mel_self"].shape[1] == 16
   assert batch["reference_latent"].shape == (2, 1, 4, 4, 16)
+
+
+def test_ridge_probe_against_the_closed_form():
+  """evals/reconstruction.ridge_fit: recovers a linear map (R² ≈ 1), scores pure noise at R² ≤ 0
+  on fresh rows, and with one strength equals the closed-form ridge on standardised features
+  computed in float64 here, in both the primal (N > D) and dual (D > N) forms."""
+  from avatar_jax.evals import reconstruction as rec  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 20)) * rng.uniform(0.1, 5, 20) + rng.normal(size=20)
+  w = rng.normal(size=(20, 3))
+  y = x @ w + 0.01 * rng.normal(size=(300, 3))
+  xt = rng.normal(size=(100, 20)) * 2
+  pred = rec.ridge_fit(x, y)(xt)
+  assert min(rec.r2(p, t) for p, t in zip(pred.T, (xt @ w).T)) > 0.99
+  noise = rec.ridge_fit(x, rng.normal(size=(300, 3)))(xt)
+  assert max(rec.r2(p, t) for p, t in zip(noise.T, rng.normal(size=(100, 3)).T)) < 0.05
+  for n, d in ((50, 8), (12, 40)):   # primal, then dual
+    a, b, q = rng.normal(size=(n, d)), rng.normal(size=(n, 2)), rng.normal(size=(5, d))
+    mu, sd = a.mean(0), a.std(0) + 1e-6
+    s = (a - mu) / sd
+    want = ((q - mu) / sd) @ np.linalg.inv(s.T @ s + 10.0 * np.eye(d)) @ s.T @ (b - b.mean(0)) \
+        + b.mean(0)
+    np.testing.assert_allclose(rec.ridge_fit(a, b, strengths=(10.0,))(q), want, atol=1e-8)
+  with pytest.raises(ValueError, match=r"x \[N >= 4, D\]"):
+    rec.ridge_fit(x[:3], y[:3])
 
 
 def test_sixty_second_clip_chunked_equals_full(model):

@@ -11,12 +11,26 @@ the reconstruction of batch["video"] (Outputs space "video": uint8 or [-1, 1] fl
                 talking-listening generator must control; SYNTHDYAD.md §6)
   r2_<channel>_original  the same read from the original frames: the reader's own ceiling
 
+With `probe_clips` > 0 (and a system whose `encode` returns "latent_self", e.g. the VAE), also a
+linear probe of whether the latents carry those coefficients at all, whatever the decoder does
+with them (a DiT generates latents, so this is what it can learn to follow):
+
+  probe_<channel>         R² on this split of a ridge regression from latent frames to the
+                          coefficient at each latent frame's last video frame, fitted on
+                          `probe_clips` train clips (ridge strength chosen on a held-out quarter)
+  probe_<channel>_pixels  the same probe from the original frames, greyscale, box-averaged to
+                          twice the latent grid (16×16 at 64 px): what an equally simple read of
+                          the pixels gets, i.e. the probe's own ceiling. A latent probe far below
+                          it says the encoder has not kept the coefficient in linear form (a
+                          nonlinear read might still find it; the reader R² above is the target)
+
 Writes <workdir>/eval/<name>_<split>.{json,md}; scalars to the metric writer.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -47,12 +61,76 @@ def r2(pred: np.ndarray, true: np.ndarray) -> float:
   return float("nan") if ss_tot == 0 else 1.0 - float(np.sum(np.square(pred - true))) / ss_tot
 
 
-@runner.register("reconstruction", num_clips=8, batch_size=4, reader=True)
+RIDGE_STRENGTHS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, strengths=RIDGE_STRENGTHS, holdout: float = 0.25):
+  """A ridge regression x [N, D] -> y [N, C] on standardised features, the strength picked by
+  the mean R² on the last `holdout` of the rows, then refitted on all rows. Returns predict(x)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or len(x) < 4:
+    raise ValueError(f"ridge_fit: expected x [N >= 4, D] and y [N, C], found {x.shape}, {y.shape}")
+
+  def fit(xs, ys, lam):
+    mu, sd = xs.mean(0), xs.std(0) + 1e-6
+    a, ym = (xs - mu) / sd, ys.mean(0)
+    # The dual form when D > N keeps the solve at min(N, D) squared.
+    if a.shape[1] > a.shape[0]:
+      w = a.T @ np.linalg.solve(a @ a.T + lam * np.eye(len(a)), ys - ym)
+    else:
+      w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ (ys - ym))
+    return lambda q: ((np.asarray(q, np.float64) - mu) / sd) @ w + ym
+
+  cut = int(round(len(x) * (1.0 - holdout)))
+  score = lambda lam: np.nanmean([r2(p, t) for p, t in zip(fit(x[:cut], y[:cut], lam)(x[cut:]).T,
+                                                             y[cut:].T)])
+  best = max(strengths, key=score)
+  return fit(x, y, best)
+
+
+def _probe_rows(encode, batch, idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(latent rows [N, h·w·z], coarse pixel rows [N, 4·h·w], true coefficients [N, C]): one row
+  per latent frame of every clip, paired with the clip's video frame that closes it."""
+  lat = encode(batch)
+  if "latent_self" not in lat:
+    raise ValueError("reconstruction evaluator, probe_clips > 0: the system's encode() must return "
+                     f"'latent_self' [B, t, h, w, z]; found {sorted(lat)}")
+  z = np.asarray(lat["latent_self"], np.float32)
+  b, t, h, w = z.shape[:4]
+  video, motion = np.asarray(batch["video"]), np.asarray(batch["motion_self"])
+  stride = video.shape[1] // t   # latent frame k closes at video frame stride·k (k = 0: frame 0)
+  frames = video[:, ::stride][:, :t].astype(np.float32).mean(-1)   # [B, t, H, W] grey
+  H, W = frames.shape[2:]
+  if H % (2 * h) or W % (2 * w):
+    raise ValueError(f"reconstruction probe: frames {H}×{W} are not a multiple of twice the "
+                     f"latent grid {h}×{w}")
+  pix = frames.reshape(b, t, 2 * h, H // (2 * h), 2 * w, W // (2 * w)).mean((3, 5))
+  y = motion[:, ::stride][:, :t][..., idx]
+  return z.reshape(b * t, -1), pix.reshape(b * t, -1), y.reshape(b * t, -1)
+
+
+def _probe_data(ctx, chunks, idx):
+  """_probe_rows over host batches, concatenated."""
+  spec = ctx.system.data_spec()
+  jitted = jax.jit(lambda b: ctx.system.encode(ctx.model, b))   # as the encode job runs it
+  encode = lambda b: jitted({k: b[k] for k in spec.keys + spec.optional_keys if k in b})
+  rows = [_probe_rows(encode, c, idx) for c in chunks]
+  return tuple(np.concatenate(r) for r in zip(*rows))
+
+
+@runner.register("reconstruction", num_clips=8, batch_size=4, reader=True, probe_clips=0)
 def reconstruction(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """{split: {"rows": {"model": metrics}, "text": markdown}}."""
   from avatar_jax.evals import motion, video  # pylint: disable=g-import-not-at-top
   results = {}
   keys = tuple(ctx.system.data_spec().keys) + ("video", "motion_self", "reference_image")
+  idx = [motion_lib.CHANNEL_INDEX[c] for c in CHANNELS]
+  probes = None
+  if cfg.probe_clips:
+    train = ml_collections.ConfigDict(cfg.to_dict())
+    train.num_clips = int(cfg.probe_clips)
+    xz, xp, y = _probe_data(ctx, runner.batches(ctx, train, keys, "train"), idx)
+    probes = {"": ridge_fit(xz, y), "_pixels": ridge_fit(xp, y)}
   for split in runner.splits(cfg):
     chunks = list(runner.batches(ctx, cfg, keys, split))
     out = runner.generate(ctx.system, ctx.model, chunks, runner.rng_for(ctx, cfg),
@@ -67,7 +145,6 @@ def reconstruction(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[
     scores = [psnr(r, o) for r, o in zip(rec, orig)]
     m = {"psnr": float(np.mean(scores)), "psnr_min": float(np.min(scores)), "clips": len(rec)}
     if cfg.reader:
-      idx = [motion_lib.CHANNEL_INDEX[c] for c in CHANNELS]
       read = {"": [], "_original": []}
       for r, o, ref in zip(rec, orig, batch["reference_image"]):
         read[""].append(video.read_coefficients(r, ref)[0][:, idx])
@@ -77,6 +154,12 @@ def reconstruction(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[
         got = np.concatenate(got)
         for j, c in enumerate(CHANNELS):
           m[f"r2_{c}{suffix}"] = r2(got[:, j], true[:, j])
+    if probes is not None:
+      xz, xp, y = _probe_data(ctx, chunks, idx)
+      for suffix, x in (("", xz), ("_pixels", xp)):
+        got = probes[suffix](x)
+        for j, c in enumerate(CHANNELS):
+          m[f"probe_{c}{suffix}"] = r2(got[:, j], y[:, j])
     rows = {"model": m}
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in m.items()]
     text = motion.write_results(rows, ctx.workdir, f"{ctx.name}_{split}",
