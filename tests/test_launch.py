@@ -18,7 +18,7 @@ import pytest
 import trainer_harness as harness
 
 SCRIPTS = [os.path.join(harness.REPO, "launch", p) for p in
-           ("tpu/train.sh", "gpu/train.sbatch", "local/train.sh")]
+           ("tpu/train.sh", "gpu/train.sbatch", "local/train.sh", "local/sweep.sh")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: os.path.relpath(p, harness.REPO))
@@ -193,3 +193,102 @@ def test_local_dry_run_one_and_several_processes(tmp_path):
   out = subprocess.run([SCRIPTS[2], "--dry-run", "c.py", "w"], capture_output=True, text=True,
                        env={**os.environ, "GPUS": "0,1,2", "PROCS": "2"})
   assert out.returncode == 2 and "PROCS=2 does not divide the 3 GPUs" in out.stderr
+
+
+# ------------------------------------------------------------------ sweeps
+def test_sweep_dry_run_variants_seeds_slots_and_table(tmp_path):
+  lines = _dry_run(tmp_path, SCRIPTS[3], "configs/quickstart.py:steps=5", "runs/sw", "attn=frame",
+                   "attn=global,lr=1e-4", "-", "--", "--config.train.log_every=1",
+                   SEEDS="0,1", GPUS="0,1", PER_GPU="2")
+  runs, table = lines[:6], lines[-1]
+  env = ["env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.450"]
+  want = [("configs/quickstart.py:steps=5,attn=frame", "attn-frame"),
+          ("configs/quickstart.py:steps=5,attn=global,lr=1e-4", "attn-global_lr-1e-4"),
+          ("configs/quickstart.py:steps=5", "base")]
+  for i, run in enumerate(runs):
+    config, label = want[i // 2]
+    assert run == ["env", f"CUDA_VISIBLE_DEVICES={(i // 2) % 2}", env[1], "python", "-m",
+                   "avatar_jax.train", f"--config={config}",
+                   f"--workdir=runs/sw/{label}_seed{i % 2}", f"--config.seed={i % 2}",
+                   "--config.compile_cache=runs/sw/jax_cache", "--config.train.log_every=1"]
+  workdirs = ",".join(f"runs/sw/{l}_seed{s}" for _, l in want for s in (0, 1))
+  assert table == ["python", "-m", "avatar_jax.evaluate", "--table=synthdyad_ablation", "--saved",
+                   f"--workdir={workdirs}",
+                   "--names=attn-frame,attn-frame,attn-global_lr-1e-4,attn-global_lr-1e-4,base,base"]
+  # No GPUs, no cache: the bare command, one run after another.
+  (one, _, _) = _dry_run(tmp_path, SCRIPTS[3], "c.py", "w", "-", GPUS="", CACHE="")
+  assert one == ["python", "-m", "avatar_jax.train", "--config=c.py", "--workdir=w/base_seed0",
+                 "--config.seed=0"]
+  for env_vars, message in (({"SEEDS": "0,x"}, "SEEDS=0,x: expected comma-separated integers"),
+                            ({"PER_GPU": "0"}, "PER_GPU=0: expected a positive integer")):
+    out = subprocess.run([SCRIPTS[3], "--dry-run", "c.py", "w", "-"], capture_output=True,
+                         text=True, env={**os.environ, **env_vars})
+    assert out.returncode == 2 and message in out.stderr
+
+
+_FAKE_TRAIN = """#!{python}
+# Stands in for `python -m avatar_jax.train`: records when it ran on which GPU, sleeps, and fails
+# for the config argument fail=1; SIGTERM makes it record "stopped" and exit 0, as the trainer does.
+import json, os, signal, sys, time
+args = dict(a.split("=", 1) for a in sys.argv[3:] if a.startswith("--"))
+def record(what):
+  with open(os.environ["FAKE_RECORD"] + ".python", "a") as f:
+    f.write(json.dumps([what, args["--workdir"], os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), time.time()]) + "\\n")
+signal.signal(signal.SIGTERM, lambda *_: (record("stopped"), sys.exit(0)))
+record("start")
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0.6")))
+record("end")
+sys.exit(3 if "fail=1" in args["--config"] else 0)
+"""
+
+
+def _busy(records):
+  """Most runs in flight at once, overall and per GPU, from start/end records."""
+  events = sorted((t, +1 if what == "start" else -1, gpu) for what, _, gpu, _, t in records)
+  most, per, now, on = 0, {}, 0, {}
+  for _, d, gpu in events:
+    now += d
+    on[gpu] = on.get(gpu, 0) + d
+    most, per[gpu] = max(most, now), max(per.get(gpu, 0), on[gpu])
+  return most, per
+
+
+def test_sweep_runs_spread_over_gpu_slots_and_report_failures(tmp_path):
+  env = _fake_tools(tmp_path, python=_FAKE_TRAIN)
+  out = subprocess.run([SCRIPTS[3], "c.py", str(tmp_path / "sw"), "a=1", "fail=1", "b=2"],
+                       env={**env, "SEEDS": "0,1", "GPUS": "4,7", "PER_GPU": "2"},
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 1, out.stderr   # the fail=1 runs failed, the others ran on
+  records = _records(tmp_path, "python")
+  starts = [r for r in records if r[0] == "start"]
+  assert len(starts) == 6 and sum(r[0] == "end" for r in records) == 6
+  assert {r[2] for r in starts} == {"4", "7"} and {r[3] for r in starts} == {"0.450"}
+  most, per = _busy(records)
+  assert most == 4 and per == {"4": 2, "7": 2}   # 2 GPUs x 2 slots, never more
+  lines = [l for l in out.stdout.splitlines() if "sweep.log" in l]
+  assert len(lines) == 6
+  assert sum(" exit   3 " in l for l in lines) == 2 and sum(" exit   0 " in l for l in lines) == 4
+  assert "--names=a-1,a-1,fail-1,fail-1,b-2,b-2" in out.stdout
+  assert (tmp_path / "sw" / "b-2_seed1" / "sweep.log").exists()
+
+
+def test_sweep_sigterm_stops_the_runs_in_flight_and_starts_no_more(tmp_path):
+  env = _fake_tools(tmp_path, python=_FAKE_TRAIN)
+  proc = subprocess.Popen([SCRIPTS[3], "c.py", str(tmp_path / "sw"), "a=1", "b=2"],
+                          env={**env, "SEEDS": "0,1,2", "GPUS": "", "PER_GPU": "2",
+                               "FAKE_SLEEP": "30"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 20
+  while time.monotonic() < deadline and len(
+      [l for l in (tmp_path / "rec.python").read_text().splitlines()] if (
+          tmp_path / "rec.python").exists() else []) < 2:
+    time.sleep(0.05)
+  proc.terminate()
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 143 and "rerun the same command to resume" in err
+  records = _records(tmp_path, "python")
+  # The two runs in flight (CPU slots: no GPU pinning) were told to stop; the other four never
+  # started.
+  assert sorted(r[0] for r in records) == ["start", "start", "stopped", "stopped"]
+  assert {r[2] for r in records} == {None}
