@@ -152,10 +152,10 @@ def crosstalk_truth(samples: Sequence[Mapping[str, Any]], heard: np.ndarray
   length."""
   out = []
   for s, j in zip(samples, heard):
-    heard = np.asarray(samples[j]["speaking_partner"], bool)
+    other = np.asarray(samples[j]["speaking_partner"], bool)
     flags = np.zeros(len(s["speaking_partner"]), bool)
-    m = min(len(flags), len(heard))
-    flags[:m] = heard[:m]
+    m = min(len(flags), len(other))
+    flags[:m] = other[:m]
     out.append(dict(s, speaking_partner=flags))
   return out
 

@@ -109,11 +109,16 @@ def _probe_rows(encode, batch, idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]
   return z.reshape(b * t, -1), pix.reshape(b * t, -1), y.reshape(b * t, -1)
 
 
-def _probe_data(ctx, chunks, idx):
-  """_probe_rows over host batches, concatenated."""
+def _probe_encoder(ctx):
+  """The system's encode, jitted once for every probe batch (as the encode job runs it), fed
+  the batch keys the system reads."""
   spec = ctx.system.data_spec()
-  jitted = jax.jit(lambda b: ctx.system.encode(ctx.model, b))   # as the encode job runs it
-  encode = lambda b: jitted({k: b[k] for k in spec.keys + spec.optional_keys if k in b})
+  jitted = jax.jit(lambda b: ctx.system.encode(ctx.model, b))
+  return lambda b: jitted({k: b[k] for k in spec.keys + spec.optional_keys if k in b})
+
+
+def _probe_data(encode, chunks, idx):
+  """_probe_rows over host batches, concatenated."""
   rows = [_probe_rows(encode, c, idx) for c in chunks]
   return tuple(np.concatenate(r) for r in zip(*rows))
 
@@ -127,9 +132,10 @@ def reconstruction(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[
   idx = [motion_lib.CHANNEL_INDEX[c] for c in CHANNELS]
   probes = None
   if cfg.probe_clips:
+    encode = _probe_encoder(ctx)
     train = ml_collections.ConfigDict(cfg.to_dict())
     train.num_clips = int(cfg.probe_clips)
-    xz, xp, y = _probe_data(ctx, runner.batches(ctx, train, keys, "train"), idx)
+    xz, xp, y = _probe_data(encode, runner.batches(ctx, train, keys, "train"), idx)
     probes = {"": ridge_fit(xz, y), "_pixels": ridge_fit(xp, y)}
   for split in runner.splits(cfg):
     chunks = list(runner.batches(ctx, cfg, keys, split))
@@ -155,7 +161,7 @@ def reconstruction(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[
         for j, c in enumerate(CHANNELS):
           m[f"r2_{c}{suffix}"] = r2(got[:, j], true[:, j])
     if probes is not None:
-      xz, xp, y = _probe_data(ctx, chunks, idx)
+      xz, xp, y = _probe_data(encode, chunks, idx)
       for suffix, x in (("", xz), ("_pixels", xp)):
         got = probes[suffix](x)
         for j, c in enumerate(CHANNELS):

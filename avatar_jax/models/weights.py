@@ -38,7 +38,7 @@ def save_converted(out_dir: str, parts: dict, config, config_file: str) -> str:
     raise FileExistsError(f"{ckpt_dir} already holds a checkpoint ({sorted(os.listdir(ckpt_dir))}); "
                           f"remove {out_dir} or pass another --out")
   os.makedirs(out_dir, exist_ok=True)
-  ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"), async_save=False)
+  ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
   ckpt.save(0, parts, config=config, force=True)
   ckpt.wait()
   ckpt.close()
