@@ -21,6 +21,9 @@ _ENCODER = flags.DEFINE_string("encoder", "mel", "'mel' or a training workdir.")
 _SPLITS = flags.DEFINE_list("splits", None, "Splits to encode (default: config.data.split_sizes).")
 _SHARD = flags.DEFINE_integer("shard_size", 256, "Examples per shard (the unit of resumption).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Clips per System.encode call.")
+_COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "snappy", "zstd"],
+                                 "Record compression; 'none' reads fastest (latents and log-mels "
+                                 "barely compress).")
 flags.mark_flags_as_required(["config", "out"])
 
 
@@ -33,7 +36,8 @@ def main(argv):
   from avatar_jax.data import encoding  # pylint: disable=g-import-not-at-top
 
   encoding.encode(_CONFIG.value, _OUT.value, _ENCODER.value, splits=_SPLITS.value,
-                  shard_size=_SHARD.value, batch_size=_BATCH.value)
+                  shard_size=_SHARD.value, batch_size=_BATCH.value,
+                  compression=_COMPRESSION.value)
 
 
 if __name__ == "__main__":

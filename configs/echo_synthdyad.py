@@ -66,6 +66,7 @@ def get_config(arg=None):
   c.data.arrays.dir = arg.latents or f"runs/vae_s{arg.res}_latents"
   c.data.synthdyad.resolution = arg.res
   c.data.clip_frames = arg.span
+  c.data.cache = True   # clips held in memory once read (as configs/bm_synthdyad.py)
   c.data.batch_size = arg.batch or size["batch"]
 
   preset = "tiny" if arg.size == "tiny" else arg.size

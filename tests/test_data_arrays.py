@@ -131,6 +131,33 @@ def test_encode_resumes_after_an_interrupted_shard(encoded, tmp_path):
     encoding.encode(c, str(root), "mel", splits=["train"], shard_size=4, progress=False)
 
 
+def test_record_compression_changes_the_file_not_the_records(encoded, tmp_path):
+  """Records are written raw by default (fastest to read); zstd and snappy are options that
+  readers need not know about."""
+  c = _config()
+  raw = arrays.shard_path(str(encoded), "ood", 0)
+  payload = sum(len(r) for r in _records(raw))
+  assert os.path.getsize(raw) >= payload  # stored as is
+  root = tmp_path / "zstd"
+  encoding.encode(c, str(root), "mel", splits=["ood"], shard_size=3, progress=False,
+                  compression="zstd")
+  packed = arrays.shard_path(str(root), "ood", 0)
+  assert _records(packed) == _records(raw)
+  # (files grow in 64-KiB blocks) log-mels and flags do compress somewhat
+  assert os.path.getsize(packed) < os.path.getsize(raw)
+  for a, b in zip(arrays.ArraysSource(str(root), "ood"), arrays.ArraysSource(str(encoded), "ood")):
+    _assert_batches_equal(a, b)
+  with pytest.raises(ValueError, match=r"compression must be one of \['none', 'snappy', "
+                     r"'zstd'\], got 'lz4'"):
+    encoding.encode(c, str(tmp_path / "bad"), "mel", progress=False, compression="lz4")
+
+
+def _records(path):
+  import grain  # pylint: disable=g-import-not-at-top
+  ds = grain.sources.ArrayRecordDataSource([path])
+  return [ds[i] for i in range(len(ds))]
+
+
 def test_system_encoder_stores_its_outputs_at_their_rate(monkeypatch, tmp_path):
   """`--encoder WORKDIR`: System.encode on whole clips (e.g. a latent at 1/5 of the frame rate)
   stored beside the per-frame targets; windows are cut at the latent's rate."""

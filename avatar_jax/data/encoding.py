@@ -36,6 +36,9 @@ from avatar_jax.data import features as features_lib
 from avatar_jax.data import pipeline
 from avatar_jax.data import sources
 
+# encode(compression=...) -> ArrayRecord writer options (one record per group: random access).
+COMPRESSIONS = {"none": "group_size:1,uncompressed", "snappy": "group_size:1,snappy",
+                "zstd": "group_size:1,zstd:3"}
 TARGET_KEYS = ("flame56_self", "flame56_partner", "motion_self", "motion_partner",
                "speaking_self", "speaking_partner")
 # config.data fields that do not change what an example holds (how it is read, batched, windowed).
@@ -159,7 +162,8 @@ def _progress(total: int, initial: int, desc: str):
 
 def encode(config: ml_collections.ConfigDict, out: str, encoder: str = "mel",
            splits: Sequence[str] | None = None, shard_size: int = 256, batch_size: int = 8,
-           progress: bool = True, max_shards: int | None = None) -> dict[str, Any]:
+           progress: bool = True, max_shards: int | None = None,
+           compression: str = "none") -> dict[str, Any]:
   """Encodes `splits` (default: every split of `config.data.split_sizes`) into `out`.
 
   Args:
@@ -169,12 +173,18 @@ def encode(config: ml_collections.ConfigDict, out: str, encoder: str = "mel",
     shard_size: examples per ArrayRecord shard (the unit of resumption).
     batch_size: clips per `System.encode` call.
     max_shards: stop after writing this many shards (tests interrupt a run with it).
+    compression: of each record, one of COMPRESSIONS. "none" by default: encoder outputs and
+      log-mels are float noise to a compressor (zstd saves ~25 %), and reading raw records
+      doubles the loader's rate (docs/video_dit.md, "Input"). Readers need no setting.
 
   Returns:
     The metadata written to `out/metadata.json`.
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
+  if compression not in COMPRESSIONS:
+    raise ValueError(f"encode: compression must be one of {sorted(COMPRESSIONS)}, got "
+                     f"{compression!r}")
   compile_cache.apply(config)   # before the first compile (config.compile_cache)
   data = config.data
   splits = tuple(splits or data.split_sizes.keys())
@@ -213,7 +223,7 @@ def encode(config: ml_collections.ConfigDict, out: str, encoder: str = "mel",
         return meta
       lo, hi = s * shard_size, min((s + 1) * shard_size, n)
       path = arrays.shard_path(out, split, s)
-      writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+      writer = array_record_module.ArrayRecordWriter(path, COMPRESSIONS[compression])
       frames = []
       for indices, num_frames, batch in _batches(clips, lo, hi, batch_size):
         encoded = enc.fn(batch) if enc.fn else {k: batch[k] for k in enc.keys}

@@ -297,7 +297,10 @@ class Clips:
         if v.shape[0] != rows:
           raise ValueError(f"{where}: {k!r} has {v.shape[0]} rows, expected {rows} "
                            f"({n} frames x {spec.per_frame} per frame).")
-      clip[k] = np.ascontiguousarray(v, dtype=spec.dtype)
+      # Cached clips own their arrays: views would keep every whole record (keys not asked for
+      # included) alive in the cache.
+      clip[k] = (np.array(v, dtype=spec.dtype) if self.cache is not None
+                 else np.ascontiguousarray(v, dtype=spec.dtype))
     if self.rendered:  # what `render_window` reads, without the audio
       clip["render_ctx"] = {k: ex[k] for k in ("motion_self", "motion_partner", "identity_self",
                                               "identity_partner") if k in ex}
