@@ -482,3 +482,42 @@ def test_lip_weighted_loss(model):
   assert "psnr_lips" in m and "psnr_lips" not in m0 and np.isfinite(float(m["psnr_lips"]))
   assert float(m["psnr"]) == pytest.approx(float(m0["psnr"]), rel=1e-6)   # unweighted PSNR
   assert float(loss) != pytest.approx(float(loss0), rel=1e-4)
+
+
+def test_inflated_vae_is_a_per_frame_image_vae():
+  """temporal_init="inflate" (Wan's image → video recipe): every latent frame encodes its group's
+  last video frame as a still image and decodes to it 4 times; a 1-frame (image) loss gives the
+  temporal weights exactly zero gradient, so an image run keeps them for the video stage."""
+  m = _random_model(_tiny_config())
+  m.inflate()
+  x = _video((2, 9, 32, 32, 3), seed=3)
+  z, _ = _moments(m, x, chunked=False)
+  still = lambda f: _moments(m, x[:, f:f + 1], chunked=False)[0][:, 0]
+  np.testing.assert_allclose(z, jnp.stack([still(0), still(4), still(8)], 1), atol=1e-5)
+  y = _decode(m, z, chunked=False, clamp=False)
+  image = lambda j: _decode(m, z[:, j:j + 1], chunked=False, clamp=False)
+  want = jnp.concatenate([image(0), jnp.repeat(image(1), 4, 1), jnp.repeat(image(2), 4, 1)], 1)
+  np.testing.assert_allclose(y, want, atol=1e-4)
+  np.testing.assert_allclose(_decode(m, z), y.clip(-1, 1), atol=1e-5)   # chunked: the same
+
+  graphdef, state = nnx.split(m)
+  image_loss = lambda st: jnp.mean(jnp.square(nnx.merge(graphdef, st)(x[:, :1], chunked=False)
+                                              - x[:, :1]))
+  with harness.fast_compile():
+    grads = dict(nnx.to_flat_state(jax.jit(jax.grad(image_loss))(state)))
+  temporal, present = [], []
+  for path, g in grads.items():
+    p = "/".join(map(str, path))
+    if not p.endswith("kernel") or g.ndim != 5:
+      continue
+    if "time_conv" in p:
+      temporal.append(np.asarray(g[...]))
+    elif g.shape[0] == 3:
+      temporal.append(np.asarray(g[:-1]))
+      present.append(np.asarray(g[-1]))
+  assert len(temporal) > 10 and all(not t.any() for t in temporal)
+  assert all(np.abs(p).max() > 0 for p in present)   # the image weights do learn
+  bad = _tiny_config()
+  bad.temporal_init = "zeros"
+  with pytest.raises(ValueError, match="temporal_init must be 'random' or 'inflate', found 'zeros'"):
+    vae.WanVAE(bad, rngs=nnx.Rngs(0))

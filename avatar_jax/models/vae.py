@@ -81,13 +81,16 @@ def default_config(preset: str = "S") -> ml_collections.ConfigDict:
   num_res_blocks, temporal_downsample (per level transition; the decoder mirrors it), z_dim,
   in_channels / out_channels, latents_mean / latents_std (per-channel statistics used by
   `normalize`), dtype (compute) / param_dtype (storage), chunk (latent frames per scan step of
-  the chunked encode/decode; 1 is what diffusers does, larger trades memory for fewer steps).
+  the chunked encode/decode; 1 is what diffusers does, larger trades memory for fewer steps),
+  temporal_init ("random": every kernel tap drawn alike; "inflate": the VAE starts as a per-frame
+  image VAE, see `WanVAE.inflate`).
   """
   if preset not in PRESETS:
     raise ValueError(f"unknown VAE preset {preset!r}; expected one of {sorted(PRESETS)}")
   p = dict(base_dim=96, decoder_base_dim=0, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
            temporal_downsample=(False, True, True), z_dim=16, in_channels=3, out_channels=3,
-           latents_mean=None, latents_std=None, dtype="float32", param_dtype="float32", chunk=1)
+           latents_mean=None, latents_std=None, dtype="float32", param_dtype="float32", chunk=1,
+           temporal_init="random")
   p.update(PRESETS[preset])
   z = p["z_dim"]
   p["latents_mean"] = tuple(float(v) for v in (p["latents_mean"] or (0.0,) * z))
@@ -104,6 +107,9 @@ def _check_config(cfg) -> None:
     if len(cfg[name]) != cfg.z_dim:
       raise ValueError(f"VAE config: {name} has {len(cfg[name])} values, expected "
                        f"z_dim={cfg.z_dim}")
+  if cfg.get("temporal_init", "random") not in ("random", "inflate"):
+    raise ValueError(f"VAE config: temporal_init must be 'random' or 'inflate', found "
+                     f"{cfg.temporal_init!r}")
   if int(cfg.get("chunk", 1)) < 1:
     raise ValueError(f"VAE config: chunk must be >= 1, found {cfg.chunk}")
 
@@ -437,6 +443,39 @@ class WanVAE(nnx.Module):
     self.decoder = Decoder(cfg, **kw)
     self.latents_mean = LatentStats(jnp.asarray(cfg.latents_mean, jnp.float32))
     self.latents_std = LatentStats(jnp.asarray(cfg.latents_std, jnp.float32))
+    if cfg.get("temporal_init", "random") == "inflate":
+      self.inflate()
+
+  def inflate(self) -> None:
+    """Sets every temporal weight so that the VAE is a per-frame image VAE, the way Wan 2.1
+    turns its image VAE into the video one (its report: a 2D VAE of the same structure trained
+    on images first, then inflated and trained on video):
+      causal 3-tap convolutions  past taps 0; the present tap scaled by √taps, a 2D conv's
+                                 lecun-normal init (fan-in without the taps that read zeros)
+      temporal down-sampling     the window's latest frame, as is (identity on the last tap,
+                                 no bias)
+      temporal up-sampling       both new frames copy the input frame (identity twice, no bias)
+    Frame 0 never reads a past tap or a temporal resampler, so a VAE trained on still images
+    (`frames=1`) keeps these weights exactly (zero gradients) and loads into video training
+    (`init_from`) as an image VAE that holds each latent frame's last video frame for 4 frames.
+    """
+    ups = {id(m.time_conv) for _, m in nnx.iter_graph(self)
+           if isinstance(m, Upsample) and m.time_conv is not None}
+    for _, m in nnx.iter_graph(self):
+      if isinstance(m, CausalConv3d) and id(m) in ups:   # [3, 1, 1, C, 2C]
+        k = m.conv.kernel[...]
+        eye = jnp.eye(k.shape[-2], dtype=k.dtype)
+        m.conv.kernel[...] = jnp.zeros_like(k).at[-1, 0, 0].set(
+            jnp.concatenate([eye, eye], axis=-1))
+        m.conv.bias[...] = jnp.zeros_like(m.conv.bias[...])
+      elif isinstance(m, CausalConv3d) and m.window[0] > 1:
+        k = m.conv.kernel[...]
+        m.conv.kernel[...] = jnp.zeros_like(k).at[-1].set(k[-1] * math.sqrt(m.window[0]))
+      elif isinstance(m, Downsample) and m.time_conv is not None:   # [3, 1, 1, C, C]
+        k = m.time_conv.kernel[...]
+        m.time_conv.kernel[...] = jnp.zeros_like(k).at[-1, 0, 0].set(
+            jnp.eye(k.shape[-1], dtype=k.dtype))
+        m.time_conv.bias[...] = jnp.zeros_like(m.time_conv.bias[...])
 
   # --------------------------------------------------------------------------- encode / decode
   def _check_video(self, video):
