@@ -93,6 +93,9 @@ def segment_rows(gen: Sequence[np.ndarray], true: Sequence[np.ndarray], refs, sa
   from avatar_jax.evals import video  # pylint: disable=g-import-not-at-top
   n = min(len(v) for v in gen)
   seg = int(round(segment_s * fps))
+  # The face reader reads frame by frame: each whole clip is read once, then cut per segment.
+  gen_reads = [video.read_coefficients(v, r) for v, r in zip(gen, refs)]
+  true_feats = [video.read_coefficients(v, r)[1] for v, r in zip(true, refs)]
   out = []
   for s0 in range(0, n, seg):
     # The video is 1 + stride·(F − 1) frames, a few short of the audio: a last segment at
@@ -100,12 +103,10 @@ def segment_rows(gen: Sequence[np.ndarray], true: Sequence[np.ndarray], refs, sa
     e = min(s0 + seg, n)
     if 2 * (e - s0) < seg:
       break
-    g = [v[s0:e] for v in gen]
-    t = [v[s0:e] for v in true]
-    clips = [video.video_metrics(v, motion.crop(smp, s0, e - s0), reference=r)
-             for v, smp, r in zip(g, samples, refs)]
+    clips = [video.coefficient_metrics(c[s0:e], motion.crop(smp, s0, e - s0))
+             for (c, _), smp in zip(gen_reads, samples)]
     agg = synthdyad_metrics.aggregate(clips)
-    fd = video.face_distribution_metrics(g, t, refs, refs)
+    fd = video.feature_distances([f[s0:e] for _, f in gen_reads], [f[s0:e] for f in true_feats])
     out.append(dict(start_s=s0 / fps, end_s=e / fps, fd_face=fd["fd_face"],
                     lip_corr=agg["lip_corr"], jaw_leak=agg["jaw_leak"],
                     smile_resp=agg["smile_resp"]))

@@ -269,13 +269,18 @@ def video_rows(ctx: runner.Context, cfg: ml_collections.ConfigDict, split: str, 
     frames["ground truth (read)"] = np.stack(true)
   batch["_frames"] = np.full(n, t)
   samples = truth(ctx.config, split, batch)
+  # Each video is read once: (coefficients [T, C], features [T, F]) serve both the motion
+  # metrics and FD-face / FVD-face, the true videos' reads every row's distances.
+  read = lambda vids: [video.read_coefficients(v, r) for v, r in zip(vids, refs)]
+  true_reads = read(true)
   rows = {}
   for name, vids in frames.items():
+    reads = true_reads if name == "ground truth (read)" else read(vids)
     truths = crosstalk_truth(samples, heard) if name == CROSSTALK else samples
-    clips = [video.video_metrics(v, s, reference=r) for v, s, r in zip(vids, truths, refs)]
+    clips = [video.coefficient_metrics(c, s) for (c, _), s in zip(reads, truths)]
     rows[name] = (crosstalk_row if name == CROSSTALK else synthdyad_metrics.aggregate)(clips)
     if name != "ground truth (read)":
-      rows[name].update(video.face_distribution_metrics(list(vids), true, refs, refs))
+      rows[name].update(video.feature_distances([f for _, f in reads], [f for _, f in true_reads]))
   return rows
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -217,6 +218,11 @@ def batches(ctx: Context, cfg: ml_collections.ConfigDict, keys: Sequence[str], s
                      f"windows={cfg.windows!r})")
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "fn", "options"))
+def _generate_jit(state, batch, rng, *, graphdef, fn, options):
+  return fn(nnx.merge(graphdef, state), batch, rng, **dict(options))
+
+
 def generator(system: system_lib.System, model: nnx.Module, *, fn=None, **options):
   """`gen(batch, rng) -> Outputs` (value as NumPy): `system.generate` (or `fn(model, batch, rng,
   **options)`, e.g. a system's reconstruction of the true latents) jitted once per shape."""
@@ -224,10 +230,17 @@ def generator(system: system_lib.System, model: nnx.Module, *, fn=None, **option
   spec = system.data_spec()
   keys = tuple(spec.keys) + tuple(getattr(spec, "optional_keys", ()))
   fn = fn or system.generate
-
-  @jax.jit
-  def gen(state, batch, rng):
-    return fn(nnx.merge(graphdef, state), batch, rng, **options)
+  frozen = tuple(sorted(options.items()))
+  try:
+    hash((graphdef, fn, frozen))
+  except TypeError:   # a model or options that cannot be a cache key: compiled for this call
+    frozen = None
+  if frozen is not None:
+    # One compiled program per (model structure, fn, options, shapes) for the whole process:
+    # the rows of a table (model, shuffled audio, crosstalk) and every periodic eval reuse it.
+    gen = functools.partial(_generate_jit, graphdef=graphdef, fn=fn, options=frozen)
+  else:
+    gen = jax.jit(lambda state, batch, rng: fn(nnx.merge(graphdef, state), batch, rng, **options))
 
   def call(batch, rng) -> system_lib.Outputs:
     b = {k: jnp.asarray(batch[k]) for k in keys if k in batch}

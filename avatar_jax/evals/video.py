@@ -11,6 +11,7 @@ SyncNet for LSE). Definitions, and which reference each matches, are in docs/met
   lse(video_emb, audio_emb)         SyncNet-style LSE-D / LSE-C / offset over ±15 frames
   motion_variance(coeffs)           Var: mean per-channel variance over time
   video_metrics(frames, sample)     SynthDyad §6 metrics of a generated video via the face reader
+  coefficient_metrics, feature_distances   the same from coefficients / features already read
 """
 from __future__ import annotations
 
@@ -120,7 +121,12 @@ def video_metrics(frames: np.ndarray, sample: Mapping[str, Any], *, reader=None,
       raise KeyError("video_metrics: pass reference= or a sample with 'reference_image' "
                      f"[H, W, 3]; found keys {sorted(sample)}")
     reference = sample["reference_image"]
-  coeffs, _ = read_coefficients(frames, reference, reader)
+  return coefficient_metrics(read_coefficients(frames, reference, reader)[0], sample, **kw)
+
+
+def coefficient_metrics(coeffs: np.ndarray, sample: Mapping[str, Any], **kw) -> dict[str, float]:
+  """`video_metrics` from coefficients [T, C] the face reader has already read (so a table that
+  also needs the frames' features reads each video once)."""
   full = np.zeros((coeffs.shape[0], max(coeffs.shape[1], len(synthdyad_metrics.CONTRACT_CHANNELS))))
   full[:, :coeffs.shape[1]] = coeffs
   return synthdyad_metrics.clip_metrics(full, sample, **kw)
@@ -136,18 +142,21 @@ def face_distribution_metrics(gen_videos: Sequence[np.ndarray], ref_videos: Sequ
   `features(video [T, H, W, 3], reference) -> [T, F]` defaults to the face reader's penultimate
   features; clip features are `face_reader.clip_features` (mean ‖ mean |Δ| over time).
   """
-  from avatar_jax.models import face_reader  # pylint: disable=g-import-not-at-top
   if features is None:
     features = lambda v, r: read_coefficients(v, r, reader)[1]
-  def collect(videos, refs):
-    frames, clips = [], []
-    for v, r in zip(videos, refs):
-      f = np.asarray(features(v, r), np.float64)
-      frames.append(f)
-      clips.append(face_reader.clip_features(f))
-    return np.concatenate(frames), np.stack(clips)
-  gf, gc = collect(gen_videos, gen_refs)
-  rf, rc = collect(ref_videos, ref_refs)
+  return feature_distances([features(v, r) for v, r in zip(gen_videos, gen_refs)],
+                           [features(v, r) for v, r in zip(ref_videos, ref_refs)])
+
+
+def feature_distances(gen_feats: Sequence[np.ndarray], ref_feats: Sequence[np.ndarray]
+                      ) -> dict[str, float]:
+  """`face_distribution_metrics` from frame features already read: one [T, F] per video."""
+  from avatar_jax.models import face_reader  # pylint: disable=g-import-not-at-top
+  def collect(feats):
+    frames = [np.asarray(f, np.float64) for f in feats]
+    return np.concatenate(frames), np.stack([face_reader.clip_features(f) for f in frames])
+  gf, gc = collect(gen_feats)
+  rf, rc = collect(ref_feats)
   out = {"fd_face": fid(gf, rf), "frames_gen": float(len(gf)), "frames_ref": float(len(rf))}
   out["fvd_face"] = fvd(gc, rc) if len(gc) >= 2 and len(rc) >= 2 else math.nan
   return out
