@@ -59,7 +59,10 @@ def get_config(arg=None):
       # probe_clips: the latent probe (do the latents carry jaw / smile / pitch linearly?) fitted
       # on 3× as many train clips as are scored.
       recon=runner.evaluator("reconstruction", split="test", num_clips=arg.eval_clips,
-                             batch_size=2, at_end=True, probe_clips=3 * arg.eval_clips),
-      sample=runner.evaluator("video", split="test", at_end=True),
+                             batch_size=2, at_end=True, probe_clips=3 * arg.eval_clips,
+                             # the image stage is scored on what it learns: each frame a still
+                             options=dict(stills=arg.frames == 1)),
+      sample=runner.evaluator("video", split="test", at_end=True,
+                              options=dict(stills=arg.frames == 1)),
   )
   return config_lib.lock(c)

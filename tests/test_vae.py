@@ -500,6 +500,19 @@ def test_inflated_vae_is_a_per_frame_image_vae():
   np.testing.assert_allclose(y, want, atol=1e-4)
   np.testing.assert_allclose(_decode(m, z), y.clip(-1, 1), atol=1e-5)   # chunked: the same
 
+  # How an image-stage run is scored (the reconstruction evaluator's `stills` option, set by
+  # configs/vae_synthdyad.py for frames=1): every frame reconstructed alone, not held 4 frames.
+  c = harness.load_config("vae_synthdyad", "size=tiny,res=32,frames=1")
+  assert c.evals.recon.options.stills and c.evals.sample.options.stills
+  system = vae.System(c)
+  frames = np.random.default_rng(4).integers(0, 256, (2, 5, 32, 32, 3), dtype=np.uint8)
+  got = system.generate(m, {"video": frames}, None, stills=True).value
+  pixels = system._pixels(jnp.asarray(frames))
+  for f in (0, 3):
+    np.testing.assert_allclose(got[:, f], m(pixels[:, f:f + 1])[:, 0], atol=1e-5)
+  held = system.generate(m, {"video": frames}, None).value
+  assert not np.allclose(held[:, 3], got[:, 3], atol=1e-2)   # as a clip, frame 3 shows frame 4
+
   graphdef, state = nnx.split(m)
   image_loss = lambda st: jnp.mean(jnp.square(nnx.merge(graphdef, st)(x[:, :1], chunked=False)
                                               - x[:, :1]))

@@ -985,9 +985,16 @@ class System(system_lib.System):
     _, lips = masks.synthdyad_masks(geo[:, 0], geo[:, 1], (h, wd))
     return 1.0 + lip * lips[:, None, :, :, None]
 
-  def generate(self, model: WanVAE, batch, rng, **options) -> system_lib.Outputs:
-    del rng, options
+  def generate(self, model: WanVAE, batch, rng, *, stills: bool = False) -> system_lib.Outputs:
+    """The reconstruction of batch["video"] [B, T, H, W, 3] as a clip; with `stills`, of every
+    frame as a still image (a one-frame video each: what an image-stage VAE, `frames=1`, is
+    trained to do, scored by the same evaluator)."""
+    del rng
     x = self._pixels(batch["video"])
+    if stills:
+      b, t = x.shape[:2]
+      rec = model(x.reshape(b * t, 1, *x.shape[2:]))
+      return system_lib.Outputs(value=rec.reshape(x.shape), space="video")
     t = x.shape[1]
     tf = model.time_factor
     pad = (-(t - 1)) % tf
