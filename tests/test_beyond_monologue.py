@@ -24,8 +24,6 @@ import trainer_harness as harness
 # One worker runs this module, so its VAE, latents and trained DiT are built once.
 pytestmark = pytest.mark.xdist_group("beyond_monologue")
 
-# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
-_fast_compile = harness.fast_compile_module()
 
 
 

@@ -27,8 +27,6 @@ import trainer_harness as harness
 # Its trained workdirs are built once per module, on one worker.
 pytestmark = pytest.mark.xdist_group("echo")
 
-# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
-_fast_compile = harness.fast_compile_module()
 
 _config = harness.load_config
 # LLVM optimisation is most of the CPU compile time and buys nothing at these sizes.

@@ -19,8 +19,6 @@ from avatar_jax.models.motion import forcing
 import trainer_harness as harness
 
 
-# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
-_fast_compile = harness.fast_compile_module()
 
 
 def _config(arg=""):

@@ -32,8 +32,6 @@ TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_
 _GPU_SPEC = importlib.util.find_spec("avatar_jax.kernels.gaussian_attention.pallas_gpu")
 
 
-# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
-_fast_compile = harness.fast_compile_module()
 
 
 def _gpu_module():

@@ -19,8 +19,6 @@ from avatar_jax.kernels.gaussian_attention import common, pallas_gpu, reference
 import trainer_harness as harness
 
 
-# Every program the module compiles skips LLVM's optimisation: most of the CPU compile time.
-_fast_compile = harness.fast_compile_module()
 
 
 def test_position_vectors_reproduce_gaussian_term():

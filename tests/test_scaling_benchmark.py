@@ -12,7 +12,6 @@ import pytest
 import trainer_harness as harness
 from benchmarks import scaling
 
-_fast_compile = harness.fast_compile_module()
 
 LAYOUTS = ("data", "fsdp", "context")
 

@@ -324,11 +324,6 @@ def test_trains_evaluates_and_pre_encodes_latents(tmp_path):
   """configs/vae_synthdyad.py through the one trainer (tiny, a few steps), its reconstruction
   evaluator, then the encode job: whole-clip latents (+ log-mels) stored as an `arrays` dataset
   that equal the trained model's normalised posterior means, read back in windows."""
-  with harness.fast_compile():   # the trainer's initialiser, step, evaluator and encoder
-    _trains_evaluates_and_pre_encodes_latents(tmp_path)
-
-
-def _trains_evaluates_and_pre_encodes_latents(tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
   from avatar_jax import trainer  # pylint: disable=g-import-not-at-top
   from avatar_jax.data import arrays, encoding, pipeline  # pylint: disable=g-import-not-at-top
@@ -473,12 +468,11 @@ def test_lip_weighted_loss(model):
   batch = {"video": r.integers(0, 256, (2, 1, 32, 32, 3), np.uint8),
            "partner_video": r.integers(0, 256, (2, 1, 32, 32, 3), np.uint8), **ids}
   graphdef, state = nnx.split(model)
-  with harness.fast_compile():
-    run = lambda sys_: jax.jit(lambda st, b: sys_.loss(nnx.merge(graphdef, st), b,
-                                                       jax.random.key(0)))(state, batch)
-    loss, m = run(system)
-    c.model.loss.lip = 0.0
-    loss0, m0 = run(vae.System(c))
+  run = lambda sys_: jax.jit(lambda st, b: sys_.loss(nnx.merge(graphdef, st), b,
+                                                     jax.random.key(0)))(state, batch)
+  loss, m = run(system)
+  c.model.loss.lip = 0.0
+  loss0, m0 = run(vae.System(c))
   assert "psnr_lips" in m and "psnr_lips" not in m0 and np.isfinite(float(m["psnr_lips"]))
   assert float(m["psnr"]) == pytest.approx(float(m0["psnr"]), rel=1e-6)   # unweighted PSNR
   assert float(loss) != pytest.approx(float(loss0), rel=1e-4)
@@ -516,8 +510,7 @@ def test_inflated_vae_is_a_per_frame_image_vae():
   graphdef, state = nnx.split(m)
   image_loss = lambda st: jnp.mean(jnp.square(nnx.merge(graphdef, st)(x[:, :1], chunked=False)
                                               - x[:, :1]))
-  with harness.fast_compile():
-    grads = dict(nnx.to_flat_state(jax.jit(jax.grad(image_loss))(state)))
+  grads = dict(nnx.to_flat_state(jax.jit(jax.grad(image_loss))(state)))
   temporal, present = [], []
   for path, g in grads.items():
     p = "/".join(map(str, path))

@@ -114,8 +114,8 @@ def trained_workdir(tmp_path_factory) -> str:
 def fast_compile():
   """In-process counterpart of subprocess_env's XLA flags: every program compiled inside (the
   trainer's initialiser and step, evaluators, encoders) skips LLVM's optimisation, which is most
-  of the CPU compile time and buys nothing at the tests' sizes. Restored on exit, so tests
-  elsewhere compile as before."""
+  of the CPU compile time and buys nothing at the tests' sizes. tests/conftest.py holds it
+  for the whole test session."""
   import jax  # pylint: disable=g-import-not-at-top
   old = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", True)
@@ -123,18 +123,6 @@ def fast_compile():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", old)
-
-
-def fast_compile_module():
-  """An autouse module fixture running the whole module under `fast_compile`:
-  `_fast_compile = harness.fast_compile_module()` at a test module's top level."""
-  import pytest  # pylint: disable=g-import-not-at-top
-
-  @pytest.fixture(scope="module", autouse=True)
-  def _fixture():
-    with fast_compile():
-      yield
-  return _fixture
 
 
 def load_config(name: str, arg: str = ""):
@@ -179,10 +167,9 @@ def video_latents(tmp_path_factory) -> tuple[str, str]:
     c.data.synthdyad.duration_s = 1.6
     c.evals = {}
     c.train.progress_bar = False
-    with fast_compile():
-      trainer.train_and_evaluate(c, os.path.join(path, "vae"))
-      encoding.encode(c, os.path.join(path, "latents"), os.path.join(path, "vae"), shard_size=8,
-                      batch_size=4, progress=False)
+    trainer.train_and_evaluate(c, os.path.join(path, "vae"))
+    encoding.encode(c, os.path.join(path, "latents"), os.path.join(path, "vae"), shard_size=8,
+                    batch_size=4, progress=False)
 
   root = built_once(tmp_path_factory, "video_latents", build)
   return os.path.join(root, "vae"), os.path.join(root, "latents")
@@ -198,8 +185,7 @@ def streaming_workdir(tmp_path_factory) -> str:
     c.data.split_sizes.train, c.data.split_sizes.test = 16, 2
     c.evals = {}
     c.train.progress_bar, c.train.stats_batches = False, 1
-    with fast_compile():
-      trainer.train_and_evaluate(c, path)
+    trainer.train_and_evaluate(c, path)
 
   return built_once(tmp_path_factory, "streaming", build)
 

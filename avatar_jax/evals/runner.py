@@ -218,9 +218,11 @@ def batches(ctx: Context, cfg: ml_collections.ConfigDict, keys: Sequence[str], s
                      f"windows={cfg.windows!r})")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "fn", "options"))
-def _generate_jit(state, batch, rng, *, graphdef, fn, options):
+def _generate(state, batch, rng, *, graphdef, fn, options):
   return fn(nnx.merge(graphdef, state), batch, rng, **dict(options))
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "fn", "options"))
 
 
 def generator(system: system_lib.System, model: nnx.Module, *, fn=None, **options):
@@ -240,7 +242,7 @@ def generator(system: system_lib.System, model: nnx.Module, *, fn=None, **option
     # the rows of a table (model, shuffled audio, crosstalk) and every periodic eval reuse it.
     gen = functools.partial(_generate_jit, graphdef=graphdef, fn=fn, options=frozen)
   else:
-    gen = jax.jit(lambda state, batch, rng: fn(nnx.merge(graphdef, state), batch, rng, **options))
+    gen = jax.jit(functools.partial(_generate, graphdef=graphdef, fn=fn, options=options))
 
   def call(batch, rng) -> system_lib.Outputs:
     b = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
