@@ -238,3 +238,53 @@ def config_differences(saved: ml_collections.ConfigDict, current: ml_collections
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` with the given target shardings."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+WEIGHT_PARTS = ("ema", "frozen", "rest")
+"""The parts of a train state that sampling, evaluation, encoding and `config.init_from` read."""
+
+
+def export_weights(workdir: str, out: str, step: int | None = None) -> str:
+  """Writes `<out>/checkpoints/<step>/` holding only the weights of a training workdir's
+  checkpoint (EMA, frozen and non-Param variables; no raw parameters, no optimiser state, no
+  data position) and its config. Returns `out`.
+
+  The result is about a quarter of an Adam run's checkpoint (weights, EMA and two moments): what
+  a finished run ships. `trainer.load_model` (sample, evaluate, encode) and `config.init_from`
+  read it like the full workdir; training cannot resume from it.
+  """
+  src = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), async_save=False)
+  step = src.latest_step() if step is None else int(step)
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {src.directory}: nothing to export")
+  meta = src.state_metadata(step)
+  missing = [k for k in WEIGHT_PARTS if k not in meta]
+  if missing:
+    raise ValueError(f"{src.directory}/{step}/state has no {missing} (it has {sorted(meta)}): "
+                     "not a training checkpoint of this codebase")
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          {k: meta[k] for k in WEIGHT_PARTS})
+  weights = src.restore_partial(abstract, step)
+  config = src.restore_config(step)
+  src.close()
+  dst = Checkpointer(os.path.join(os.path.abspath(out), "checkpoints"), async_save=False)
+  if dst.latest_step() is not None:
+    raise FileExistsError(f"{dst.directory} already holds checkpoints {dst.manager.all_steps()}; "
+                          "export into an empty directory")
+  dst.save(step, weights, config=config, force=True)
+  dst.wait()
+  dst.close()
+  return out
+
+
+def export_cli(argv: list[str]) -> str:
+  """`python -m avatar_jax.convert weights --src <workdir> --out <dir> [--step N]`."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(prog="python -m avatar_jax.convert weights",
+                              description=export_weights.__doc__)
+  p.add_argument("--src", required=True, help="a training workdir")
+  p.add_argument("--out", required=True, help="an empty or new directory")
+  p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+  a = p.parse_args(argv)
+  return export_weights(a.src, a.out, a.step)

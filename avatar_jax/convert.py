@@ -3,6 +3,7 @@
     python -m avatar_jax.convert wav2vec2 --src <local HF folder> --out <dir>
     python -m avatar_jax.convert wan_vae  --src <diffusers folder or .safetensors> --out <dir>
     python -m avatar_jax.convert wan_dit  --src <diffusers WanTransformer3DModel folder> --out <dir>
+    python -m avatar_jax.convert weights  --src <training workdir> --out <dir>   # weights only
 
 Each converter writes an Orbax checkpoint that `config.init_from` (or `into="aux/<name>"` for a
 frozen sub-model) loads, plus the architecture's config as JSON. Nothing is downloaded: `--src`
@@ -21,6 +22,8 @@ CONVERTERS = {
                 "diffusers AutoencoderKLWan folder or .safetensors (Wan 2.1 VAE)"),
     "wan_dit": ("avatar_jax.models.dit", "convert_cli",
                 "diffusers WanTransformer3DModel folder (Wan 2.1 DiT)"),
+    "weights": ("avatar_jax.checkpointing", "export_cli",
+                "a training workdir: its EMA weights alone, without optimiser state"),
 }
 
 
