@@ -578,6 +578,12 @@ def restore_model(workdir: str, *, ema: bool = True, mesh_shape: Mapping[str, in
       compile_cache.apply(config)   # the run's config.compile_cache, before the first compile
       s = setup(config, mesh, fit=False, init_from=False, abstract=True)
       want = {k: s.state[k] for k in (weights, "frozen", "rest") if jax.tree.leaves(s.state[k])}
+      saved = ckpt.state_metadata(step)
+      if missing := [k for k in want if k not in saved]:
+        # Orbax's partial restore would leave them abstract without a word.
+        raise ValueError(f"{ckpt.directory}/{step} holds {sorted(saved)}, not {missing}"
+                         + (" (exported weights carry the EMA only: ema=True)"
+                            if weights == "params" else ""))
       got = ckpt.restore_partial(want, step)
       break
     except Exception as e:  # pylint: disable=broad-except

@@ -6,6 +6,8 @@ The systems are toys defined here — a new system is a module exporting `System
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,7 +16,7 @@ import pytest
 from flax import nnx
 
 import trainer_harness as harness
-from avatar_jax import checkpointing, config_lib, sharding, system as system_lib, trainer
+from avatar_jax import checkpointing, config_lib, convert, sharding, system as system_lib, trainer
 from avatar_jax.data import pipeline
 from avatar_jax.models import registry
 from avatar_jax.models.layers import dense
@@ -248,3 +250,28 @@ def test_motion_dit_generates_with_partner_motion():
   assert np.all(np.isfinite(np.asarray(out.value)))
   with pytest.raises(KeyError, match="motion_partner"):
     s.system.generate(s.model(), {k: batch[k] for k in ("mel_self", "mel_partner")}, jax.random.key(0))
+
+
+def test_exported_weights_restore_and_init_like_the_workdir(stage1, tmp_path):
+  workdir, src = stage1
+  out = str(tmp_path / "weights")
+  assert convert.main(["weights", "--src", str(workdir), "--out", out]) == 0
+  saved = checkpointing.Checkpointer(os.path.join(out, "checkpoints"), async_save=False)
+  # Only what sampling and init_from read: no raw parameters, optimiser state or data position.
+  assert set(saved.state_metadata(STEPS)) == set(checkpointing.WEIGHT_PARTS)
+  saved.close()
+  system, model, config, step = trainer.restore_model(out, mesh_shape={"fsdp": 4, "data": 2})
+  assert step == STEPS and config.model.width == WIDTH
+  np.testing.assert_array_equal(np.asarray(model.body.kernel[...]), _flat(src["ema"])["body/kernel"])
+  np.testing.assert_array_equal(np.asarray(model.scale[...]), np.full(WIDTH, 2.0))
+  with pytest.raises(ValueError, match=r"not \[.params.\].*EMA only"):   # no raw parameters
+    trainer.restore_model(out, ema=False)
+  config = toy_config()
+  config.init_from = config_lib.init_from(out)
+  s = trainer.setup(config, _mesh({"data": 8}), fit=False)
+  np.testing.assert_array_equal(_flat(jax.device_get(s.state["params"]))["head/kernel"],
+                                _flat(src["ema"])["head/kernel"])
+  with pytest.raises(FileExistsError, match="empty directory"):
+    checkpointing.export_weights(str(workdir), out)
+  with pytest.raises(FileNotFoundError, match="nothing to export"):
+    checkpointing.export_weights(str(tmp_path / "none"), str(tmp_path / "w2"))
