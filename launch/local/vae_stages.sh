@@ -10,6 +10,8 @@
 # Environment (defaults in brackets):
 #   IMG_STEPS [20000] IMG_BATCH [32] IMG_SECONDS [0: no limit]  the image stage
 #   VID_STEPS [4000] VID_BATCH [4] VID_LR [2e-4] VID_WARMUP [300] VID_SECONDS [0]  the video stage
+#   IMG_FROM []  an image stage already trained elsewhere (its workdir or exported weights):
+#                the image stage is skipped and the video stage starts from it
 #   WORKERS [8]  data processes per stage;  EVAL_CLIPS [8]  test clips scored (probe: 3x train)
 # A stage given *_SECONDS gets SIGTERM then: it checkpoints its step and stops, and the next
 # stage starts from that checkpoint. Rerunning resumes each stage where it stopped.
@@ -24,13 +26,17 @@ quiet=(--config.evals.sample.at_end=False --config.evals.recon.at_end=False
        --config.data.synthdyad.cache=True --config.train.progress_bar=False)
 limit() { if [ "$1" -gt 0 ]; then echo "timeout -s TERM $1"; fi; }
 mkdir -p "$root"
-echo "[$(date -u +%T)] image stage"
-$(limit "$IMG_SECONDS") python -m avatar_jax.train \
-  --config "configs/vae_synthdyad.py:$common,frames=1,batch=$IMG_BATCH,steps=$IMG_STEPS" \
-  --workdir "$root/img" "${quiet[@]}" > "$root/img.log" 2>&1
-echo "[$(date -u +%T)] image stage exit $?; video stage"
+img=${IMG_FROM:-$root/img}
+if [ -z "${IMG_FROM:-}" ]; then
+  echo "[$(date -u +%T)] image stage"
+  $(limit "$IMG_SECONDS") python -m avatar_jax.train \
+    --config "configs/vae_synthdyad.py:$common,frames=1,batch=$IMG_BATCH,steps=$IMG_STEPS" \
+    --workdir "$root/img" "${quiet[@]}" > "$root/img.log" 2>&1
+  echo "[$(date -u +%T)] image stage exit $?"
+fi
+echo "[$(date -u +%T)] video stage from $img"
 $(limit "$VID_SECONDS") python -m avatar_jax.train \
-  --config "configs/vae_synthdyad.py:$common,frames=49,batch=$VID_BATCH,steps=$VID_STEPS,lr=$VID_LR,init=$root/img" \
+  --config "configs/vae_synthdyad.py:$common,frames=49,batch=$VID_BATCH,steps=$VID_STEPS,lr=$VID_LR,init=$img" \
   --config.optim.warmup_steps="$VID_WARMUP" --workdir "$root/vid" "${quiet[@]}" > "$root/vid.log" 2>&1
 echo "[$(date -u +%T)] video stage exit $?; evaluation"
 python -m avatar_jax.evaluate --workdir "$root/vid" --evals recon,sample --num_clips "$EVAL_CLIPS" \
