@@ -193,7 +193,8 @@ class DualTalk(nnx.Module):
 
   def __init__(self, cfg, *, facts: dict, rngs: nnx.Rngs, stats=None):
     d, d2 = cfg.width, 2 * cfg.width
-    self.cfg = cfg
+    # Frozen: hashable, so compiled generators are cached across eval rows (evals/runner.py).
+    self.cfg = ml_collections.FrozenConfigDict(cfg)
     self.fps, self.audio_rate = float(facts["fps"]), float(facts["mel_rate"])
     stats = stats or {"mean": np.zeros(CHANNELS, np.float32), "std": np.ones(CHANNELS, np.float32)}
     self.mean = Stats(jnp.asarray(stats["mean"], jnp.float32))

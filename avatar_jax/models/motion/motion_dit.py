@@ -107,7 +107,8 @@ class MotionDiT(nnx.Module):
 
   def __init__(self, cfg, *, facts: dict, rngs: nnx.Rngs, stats=None):
     d, c = cfg.width, cfg.channels
-    self.cfg = cfg
+    # Frozen: hashable, so compiled generators are cached across eval rows (evals/runner.py).
+    self.cfg = ml_collections.FrozenConfigDict(cfg)
     self.fps, self.mel_rate = float(facts["fps"]), float(facts["mel_rate"])
     stats = stats or {"mean": np.zeros(c, np.float32), "std": np.ones(c, np.float32)}
     self.mean = Stats(jnp.asarray(stats["mean"], jnp.float32))

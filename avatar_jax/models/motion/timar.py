@@ -190,7 +190,8 @@ class Timar(nnx.Module):
   def __init__(self, cfg, *, facts: dict, rngs: nnx.Rngs, stats=None):
     fps, mel_rate = float(facts["fps"]), float(facts["mel_rate"])
     d, c = cfg.width, cfg.channels
-    self.cfg = cfg
+    # Frozen: hashable, so compiled generators are cached across eval rows (evals/runner.py).
+    self.cfg = ml_collections.FrozenConfigDict(cfg)
     self.fps, self.turn_seconds = float(fps), float(cfg.turn_seconds)
     self.frames = int(round(fps * cfg.turn_seconds))   # F: tokens per group and turn
     self.mel_per_frame = int(round(mel_rate / fps))
