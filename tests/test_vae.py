@@ -343,12 +343,13 @@ def test_trains_evaluates_and_pre_encodes_latents(tmp_path):
     m = json.load(f)["rows"]["model"]
   assert m["clips"] == 2 and np.isfinite(m["psnr"]) and m["psnr"] > 5.0
   assert {"r2_jaw_open", "r2_smile", "r2_head_pitch", "r2_jaw_open_original"} <= set(m)
-  # The linear probe ran from 4 train clips' latents and coarse pixels (40 frames: 10 latent rows
+  # The linear probe ran from 4 train clips' latents and coarse pixels (40 frames: 9 latent groups
   # each); a probe cannot beat a perfect fit, and an untrained VAE's latents are no better at it
   # than its pixels by much.
   for ch in ("jaw_open", "head_pitch"):
     assert m[f"probe_{ch}"] <= 1.0 and m[f"probe_{ch}_pixels"] <= 1.0
     assert np.isfinite(m[f"probe_{ch}"]) and np.isfinite(m[f"probe_{ch}_pixels"])
+    assert np.isfinite(m[f"probe_{ch}_first"]) and m[f"probe_{ch}_first"] <= 1.0
 
   out = str(tmp_path / "latents")
   encoding.encode(c, out, workdir, splits=["test"], shard_size=2, batch_size=2, progress=False)
@@ -400,6 +401,33 @@ def test_ridge_probe_against_the_closed_form():
     np.testing.assert_allclose(rec.ridge_fit(a, b, strengths=(10.0,))(q), want, atol=1e-8)
   with pytest.raises(ValueError, match=r"x \[N >= 4, D\]"):
     rec.ridge_fit(x[:3], y[:3])
+
+
+def test_probe_pairs_each_latent_with_every_frame_of_its_group():
+  """evals/reconstruction._probe_rows on a hand-made batch: latent frame k (k ≥ 1) of a 1 + 4·3
+  frame clip pairs with video frames 4k−3 … 4k (all four, frame-major), its pixel row holds those
+  frames' coarse thumbnails, and frame 0's lone latent is left out."""
+  from avatar_jax.evals import reconstruction as rec  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  b, t_video, c = 2, 13, 5
+  motion = rng.normal(size=(b, t_video, c)).astype(np.float32)
+  video = rng.integers(0, 256, size=(b, t_video, 8, 8, 3)).astype(np.uint8)
+  latents = rng.normal(size=(b, 4, 1, 1, 3)).astype(np.float32)   # 1 + 3 latent frames, 1×1 grid
+  idx = [4, 0]
+  z, pix, y = rec._probe_rows(lambda _: {"latent_self": latents},
+                              {"video": video, "motion_self": motion}, idx)
+  assert z.shape == (b * 3, 3) and y.shape == (b * 3, 4 * 2) and pix.shape == (b * 3, 4 * 4)
+  for i in range(b):
+    for k in (1, 2, 3):
+      row = i * 3 + k - 1
+      np.testing.assert_array_equal(z[row], latents[i, k].ravel())
+      np.testing.assert_array_equal(y[row], motion[i, 4 * k - 3:4 * k + 1][:, idx].ravel())
+      grey = video[i, 4 * k - 3:4 * k + 1].astype(np.float64).mean(-1)     # [4, 8, 8]
+      want = grey.reshape(4, 2, 4, 2, 4).mean((2, 4)).ravel()              # 2×2 thumbnails
+      np.testing.assert_allclose(pix[row], want, rtol=1e-5)
+  with pytest.raises(ValueError, match="at least one latent group"):
+    rec._probe_rows(lambda _: {"latent_self": latents[:, :1]},
+                    {"video": video[:, :1], "motion_self": motion[:, :1]}, idx)
 
 
 def test_sixty_second_clip_chunked_equals_full(model):

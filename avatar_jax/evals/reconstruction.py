@@ -15,14 +15,16 @@ With `probe_clips` > 0 (and a system whose `encode` returns "latent_self", e.g. 
 linear probe of whether the latents carry those coefficients at all, whatever the decoder does
 with them (a DiT generates latents, so this is what it can learn to follow):
 
-  probe_<channel>         R² on this split of a ridge regression from latent frames to the
-                          coefficient at each latent frame's last video frame, fitted on
-                          `probe_clips` train clips (ridge strength chosen on a held-out quarter)
-  probe_<channel>_pixels  the same probe from the original frames, greyscale, box-averaged to
-                          twice the latent grid (16×16 at 64 px): what an equally simple read of
-                          the pixels gets, i.e. the probe's own ceiling. A latent probe far below
-                          it says the encoder has not kept the coefficient in linear form (a
-                          nonlinear read might still find it; the reader R² above is the target)
+  probe_<channel>         R² on this split of a ridge regression from each latent frame to the
+                          coefficient at every video frame of its group (4 for Wan's VAE),
+                          fitted on `probe_clips` train clips (ridge strength chosen on a
+                          held-out quarter); `_first`: the group's first frame alone
+  probe_<channel>_pixels  the same probe from the group's original frames, greyscale, each
+                          box-averaged to twice the latent grid (16×16 at 64 px): what an equally
+                          simple read of the pixels gets, i.e. the probe's own ceiling. A latent
+                          probe far below it says the encoder has not kept the coefficient in
+                          linear form (a nonlinear read might still find it; the reader R² above
+                          is the target)
 
 Writes <workdir>/eval/<name>_<split>.{json,md}; scalars to the metric writer.
 """
@@ -89,8 +91,12 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, strengths=RIDGE_STRENGTHS, holdout: 
 
 
 def _probe_rows(encode, batch, idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(latent rows [N, h·w·z], coarse pixel rows [N, 4·h·w], true coefficients [N, C]): one row
-  per latent frame of every clip, paired with the clip's video frame that closes it."""
+  """(latent rows [N, h·w·z], coarse pixel rows [N, s·4·h·w], true coefficients [N, s·C]): one
+  row per latent frame k ≥ 1 of every clip, paired with all s video frames of its group
+  (frames s·(k−1)+1 … s·k, s the temporal stride; frame-major in the last axis). Frame 0's lone
+  latent is left out. Every frame of a group counts, not only the one that closes it: a causal
+  encoder keeps its group's last frame most easily, and a probe of that frame alone overstates
+  what the latents carry (docs/vae.md)."""
   lat = encode(batch)
   if "latent_self" not in lat:
     raise ValueError("reconstruction evaluator, probe_clips > 0: the system's encode() must return "
@@ -98,15 +104,19 @@ def _probe_rows(encode, batch, idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]
   z = np.asarray(lat["latent_self"], np.float32)
   b, t, h, w = z.shape[:4]
   video, motion = np.asarray(batch["video"]), np.asarray(batch["motion_self"])
-  stride = video.shape[1] // t   # latent frame k closes at video frame stride·k (k = 0: frame 0)
-  frames = video[:, ::stride][:, :t].astype(np.float32).mean(-1)   # [B, t, H, W] grey
-  H, W = frames.shape[2:]
+  s = (video.shape[1] - 1) // max(t - 1, 1)   # latent frame k closes at video frame s·k
+  if t < 2 or s < 1:
+    raise ValueError(f"reconstruction probe: {video.shape[1]}-frame clips give {t} latent frame(s); "
+                     "the probe needs clips of at least one latent group after frame 0")
+  H, W = video.shape[2:4]
   if H % (2 * h) or W % (2 * w):
     raise ValueError(f"reconstruction probe: frames {H}×{W} are not a multiple of twice the "
                      f"latent grid {h}×{w}")
-  pix = frames.reshape(b, t, 2 * h, H // (2 * h), 2 * w, W // (2 * w)).mean((3, 5))
-  y = motion[:, ::stride][:, :t][..., idx]
-  return z.reshape(b * t, -1), pix.reshape(b * t, -1), y.reshape(b * t, -1)
+  frames = video[:, 1:1 + s * (t - 1)].astype(np.float32).mean(-1)   # [B, s·(t−1), H, W] grey
+  pix = frames.reshape(b, t - 1, s, 2 * h, H // (2 * h), 2 * w, W // (2 * w)).mean((4, 6))
+  y = motion[:, 1:1 + s * (t - 1)][..., idx].reshape(b, t - 1, s * len(idx))
+  return (z[:, 1:].reshape(b * (t - 1), -1), pix.reshape(b * (t - 1), -1),
+          y.reshape(b * (t - 1), -1))
 
 
 def _probe_encoder(ctx):
@@ -162,10 +172,14 @@ def reconstruction(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[
           m[f"r2_{c}{suffix}"] = r2(got[:, j], true[:, j])
     if probes is not None:
       xz, xp, y = _probe_data(encode, chunks, idx)
+      n, per = len(y), len(CHANNELS)
       for suffix, x in (("", xz), ("_pixels", xp)):
-        got = probes[suffix](x)
+        got = probes[suffix](x).reshape(n, -1, per)   # [rows, frames of the group, C]
+        want = y.reshape(n, -1, per)
         for j, c in enumerate(CHANNELS):
-          m[f"probe_{c}{suffix}"] = r2(got[:, j], y[:, j])
+          m[f"probe_{c}{suffix}"] = r2(got[..., j].ravel(), want[..., j].ravel())
+          # the group's first frame: the one a causal encoder keeps least easily
+          m[f"probe_{c}{suffix}_first"] = r2(got[:, 0, j], want[:, 0, j])
     rows = {"model": m}
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in m.items()]
     text = motion.write_results(rows, ctx.workdir, f"{ctx.name}_{split}",
