@@ -18,7 +18,8 @@ import pytest
 import trainer_harness as harness
 
 SCRIPTS = [os.path.join(harness.REPO, "launch", p) for p in
-           ("tpu/train.sh", "gpu/train.sbatch", "local/train.sh", "local/sweep.sh")]
+           ("tpu/train.sh", "gpu/train.sbatch", "local/train.sh", "local/sweep.sh",
+            "local/vae_stages.sh")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: os.path.relpath(p, harness.REPO))
@@ -292,3 +293,41 @@ def test_sweep_sigterm_stops_the_runs_in_flight_and_starts_no_more(tmp_path):
   # started.
   assert sorted(r[0] for r in records) == ["start", "start", "stopped", "stopped"]
   assert {r[2] for r in records} == {None}
+
+
+def test_vae_stages_chain_image_video_evaluation_and_export(tmp_path):
+  """launch/local/vae_stages.sh runs (a recording python here) the image stage, the video stage
+  started from it with its own rate and warm-up, the table, the sample and the weights export;
+  with IMG_FROM the image stage is skipped and the video stage starts from IMG_FROM."""
+  script = os.path.join(harness.REPO, "launch", "local", "vae_stages.sh")
+  env = _fake_tools(tmp_path, python=_FAKE_RECORDER)
+  env.update(IMG_STEPS="7", VID_STEPS="5", VID_LR="1e-4", VID_WARMUP="2", WORKERS="3",
+             EVAL_CLIPS="2")
+  root = str(tmp_path / "r")
+  out = subprocess.run([script, "128", root, "lip=3"], env=env, capture_output=True, text=True,
+                       timeout=60)
+  assert out.returncode == 0, out.stderr
+  calls = [c[1:] for c in _records(tmp_path, "python")]
+  assert [c[:2] for c in calls] == [["-m", "avatar_jax.train"]] * 2 + \
+      [["-m", "avatar_jax.evaluate"]] * 2 + [["-m", "avatar_jax.convert"]]
+  img, vid, table, sample, export = calls
+  common = "size=S,res=128,posterior=mean,kl=0,workers=3,eval_clips=2,lip=3"
+  assert img[img.index("--config") + 1] == \
+      f"configs/vae_synthdyad.py:{common},frames=1,batch=32,steps=7"
+  assert img[img.index("--workdir") + 1] == f"{root}/img"
+  assert vid[vid.index("--config") + 1] == (f"configs/vae_synthdyad.py:{common},frames=49,"
+                                            f"batch=4,steps=5,lr=1e-4,init={root}/img")
+  assert "--config.optim.warmup_steps=2" in vid and vid[vid.index("--workdir") + 1] == f"{root}/vid"
+  assert table[table.index("--evals") + 1] == "recon" and "--probe_clips" in table
+  assert table[table.index("--probe_clips") + 1] == "6"
+  assert sample[sample.index("--evals") + 1] == "sample"
+  assert export[2:] == ["weights", "--src", f"{root}/vid", "--out", f"{root}/weights"]
+  assert "image stage exit 0" in out.stdout and "done:" in out.stdout
+
+  os.remove(tmp_path / "rec.python")
+  env["IMG_FROM"] = "/models/img_weights"
+  out = subprocess.run([script, "64", root], env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  calls = [c[1:] for c in _records(tmp_path, "python")]
+  assert len(calls) == 4 and "image stage" not in out.stdout
+  assert calls[0][calls[0].index("--config") + 1].endswith(",init=/models/img_weights")

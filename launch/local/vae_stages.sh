@@ -16,6 +16,10 @@
 # A stage given *_SECONDS gets SIGTERM then: it checkpoints its step and stops, and the next
 # stage starts from that checkpoint. Rerunning resumes each stage where it stopped.
 set -u -o pipefail
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
+  sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+  exit 2
+fi
 res=$1 root=$2 extra=${3:-}
 IMG_STEPS=${IMG_STEPS:-20000} IMG_BATCH=${IMG_BATCH:-32} IMG_SECONDS=${IMG_SECONDS:-0}
 VID_STEPS=${VID_STEPS:-4000} VID_BATCH=${VID_BATCH:-4} VID_LR=${VID_LR:-2e-4}
@@ -32,16 +36,19 @@ if [ -z "${IMG_FROM:-}" ]; then
   $(limit "$IMG_SECONDS") python -m avatar_jax.train \
     --config "configs/vae_synthdyad.py:$common,frames=1,batch=$IMG_BATCH,steps=$IMG_STEPS" \
     --workdir "$root/img" "${quiet[@]}" > "$root/img.log" 2>&1
-  echo "[$(date -u +%T)] image stage exit $?"
+  rc=$?; echo "[$(date -u +%T)] image stage exit $rc"
 fi
 echo "[$(date -u +%T)] video stage from $img"
 $(limit "$VID_SECONDS") python -m avatar_jax.train \
   --config "configs/vae_synthdyad.py:$common,frames=49,batch=$VID_BATCH,steps=$VID_STEPS,lr=$VID_LR,init=$img" \
   --config.optim.warmup_steps="$VID_WARMUP" --workdir "$root/vid" "${quiet[@]}" > "$root/vid.log" 2>&1
-echo "[$(date -u +%T)] video stage exit $?; evaluation"
-python -m avatar_jax.evaluate --workdir "$root/vid" --evals recon,sample --num_clips "$EVAL_CLIPS" \
+rc=$?; echo "[$(date -u +%T)] video stage exit $rc (124: stopped by its time limit, checkpointed)"
+# Two calls: the table does not depend on the mp4 writer (PyAV) being installed.
+python -m avatar_jax.evaluate --workdir "$root/vid" --evals recon --num_clips "$EVAL_CLIPS" \
   --probe_clips $((3 * EVAL_CLIPS)) > "$root/eval.log" 2>&1
-echo "[$(date -u +%T)] evaluation exit $?"
+rc=$?; echo "[$(date -u +%T)] reconstruction table exit $rc"
+python -m avatar_jax.evaluate --workdir "$root/vid" --evals sample > "$root/sample.log" 2>&1
+rc=$?; echo "[$(date -u +%T)] sample video exit $rc"
 rm -rf "$root/weights"
 python -m avatar_jax.convert weights --src "$root/vid" --out "$root/weights" > /dev/null 2>> "$root/eval.log"
-echo "[$(date -u +%T)] done: $root/weights"
+rc=$?; echo "[$(date -u +%T)] done: $root/weights (exit $rc)"
