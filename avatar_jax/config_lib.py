@@ -63,6 +63,17 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def freeze(cfg) -> ml_collections.FrozenConfigDict:
+  """An immutable, hashable copy of a (sub)config, for a module to keep: jit caches key on it.
+
+  Plain dicts held as values (e.g. `model.audio.wav2vec2.arch`, a converted checkpoint's
+  architecture) become nested configs too, which `FrozenConfigDict` alone refuses; lists become
+  tuples.
+  """
+  return ml_collections.FrozenConfigDict(ml_collections.ConfigDict(
+      cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)))
+
+
 def init_from(workdir: str = "", *, step: int | None = None, include=(), exclude=(),
               into: str = "model") -> ml_collections.ConfigDict:
   """`config.init_from`: start a stage from another run's weights (trainer.init_from_entries).

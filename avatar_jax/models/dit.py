@@ -61,7 +61,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from avatar_jax import sharding
+from avatar_jax import config_lib, sharding
 from avatar_jax.kernels.gaussian_attention import sharded as gattn_sharded
 from avatar_jax.models import layers, weights
 from avatar_jax.models import vae
@@ -305,7 +305,7 @@ class DiT(nnx.Module):
                make_extra: Callable[[int], Sequence[nnx.Module]] | None = None):
     _check_config(cfg)
     # Frozen: hashable, so nnx.jit's cache keys on it (as in vae.WanVAE).
-    self.cfg = ml_collections.FrozenConfigDict(cfg)
+    self.cfg = config_lib.freeze(cfg)
     self.dtype = jnp.dtype(cfg.dtype)
     param_dtype = jnp.dtype(cfg.param_dtype)
     kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=param_dtype)

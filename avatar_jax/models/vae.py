@@ -50,7 +50,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from avatar_jax import sharding
+from avatar_jax import config_lib, sharding
 from avatar_jax import system as system_lib
 from avatar_jax.models import layers, weights
 
@@ -446,7 +446,7 @@ class WanVAE(nnx.Module):
     _check_config(cfg)
     # Frozen: the config is a static attribute of the module, so it must hash for nnx.jit's cache
     # (an unhashable ConfigDict there made every call recompile).
-    self.cfg = ml_collections.FrozenConfigDict(cfg)
+    self.cfg = config_lib.freeze(cfg)
     self.dtype = jnp.dtype(cfg.get("dtype", "float32"))
     kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
     self.time_factor, self.space_factor = compression(cfg)

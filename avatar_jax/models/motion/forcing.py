@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from avatar_jax import render
+from avatar_jax import config_lib, render
 from avatar_jax import system as system_lib
 from avatar_jax.data import features, pipeline
 from avatar_jax.diffusion import dpo, flow, samplers
@@ -62,7 +62,7 @@ class ForcingDiT(nnx.Module):
 
   def __init__(self, cfg, *, facts: dict, rngs: nnx.Rngs, stats=None):
     d, c = cfg.width, cfg.channels
-    self.cfg = ml_collections.FrozenConfigDict(cfg)
+    self.cfg = config_lib.freeze(cfg)
     self.fps, self.mel_rate = float(facts["fps"]), float(facts["mel_rate"])
     stats = stats or {"mean": np.zeros(c, np.float32), "std": np.ones(c, np.float32)}
     self.mean = Stats(jnp.asarray(stats["mean"], jnp.float32))

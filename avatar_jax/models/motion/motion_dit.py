@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from avatar_jax import render, sharding
+from avatar_jax import config_lib, render, sharding
 from avatar_jax import system as system_lib
 from avatar_jax.data import features, pipeline
 from avatar_jax.diffusion import flow, guidance, samplers
@@ -108,7 +108,7 @@ class MotionDiT(nnx.Module):
   def __init__(self, cfg, *, facts: dict, rngs: nnx.Rngs, stats=None):
     d, c = cfg.width, cfg.channels
     # Frozen: hashable, so compiled generators are cached across eval rows (evals/runner.py).
-    self.cfg = ml_collections.FrozenConfigDict(cfg)
+    self.cfg = config_lib.freeze(cfg)
     self.fps, self.mel_rate = float(facts["fps"]), float(facts["mel_rate"])
     stats = stats or {"mean": np.zeros(c, np.float32), "std": np.ones(c, np.float32)}
     self.mean = Stats(jnp.asarray(stats["mean"], jnp.float32))

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from avatar_jax import render, sharding
+from avatar_jax import config_lib, render, sharding
 from avatar_jax import system as system_lib
 from avatar_jax.data import pipeline
 from avatar_jax.diffusion import cosine
@@ -191,7 +191,7 @@ class Timar(nnx.Module):
     fps, mel_rate = float(facts["fps"]), float(facts["mel_rate"])
     d, c = cfg.width, cfg.channels
     # Frozen: hashable, so compiled generators are cached across eval rows (evals/runner.py).
-    self.cfg = ml_collections.FrozenConfigDict(cfg)
+    self.cfg = config_lib.freeze(cfg)
     self.fps, self.turn_seconds = float(fps), float(cfg.turn_seconds)
     self.frames = int(round(fps * cfg.turn_seconds))   # F: tokens per group and turn
     self.mel_per_frame = int(round(mel_rate / fps))
