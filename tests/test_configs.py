@@ -188,3 +188,23 @@ def test_checkpointed_config_reloads(tmp_path):
   assert again.model.attention.mode == config.model.attention.mode
   assert tuple(again.model.attention.sigma_range) == tuple(config.model.attention.sigma_range)
   assert again.data.split_sizes.to_dict() == config.data.split_sizes.to_dict()
+
+
+def test_freeze_makes_a_hashable_copy_of_dict_valued_configs():
+  """config_lib.freeze: what a module keeps (jit caches key on it). A dict-valued field (a converted
+  checkpoint's architecture) becomes a nested config, lists become tuples, equal configs hash
+  equal, and the original stays mutable and unchanged."""
+  from avatar_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(dict(width=8, dims=[1, 2], audio=dict(
+      arch=ml_collections.config_dict.placeholder(dict))))
+  c.audio.arch = {"hidden": 32, "conv": [512, 512]}
+  with pytest.raises(AssertionError):   # what FrozenConfigDict alone does with the dict
+    ml_collections.FrozenConfigDict(c)
+  f = config_lib.freeze(c)
+  assert f.audio.arch.hidden == 32 and f.audio.arch.conv == (512, 512) and f.dims == (1, 2)
+  assert hash(f) == hash(config_lib.freeze(c)) and f == config_lib.freeze(c)
+  assert hash(f) != hash(config_lib.freeze(ml_collections.ConfigDict(dict(c.to_dict(), width=9))))
+  with pytest.raises((AttributeError, ValueError)):
+    f.width = 9
+  c.width = 9   # the source is untouched by freezing and still mutable
+  assert f.width == 8 and isinstance(c.audio.arch, dict)
