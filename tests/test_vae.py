@@ -343,6 +343,9 @@ def test_trains_evaluates_and_pre_encodes_latents(tmp_path):
     m = json.load(f)["rows"]["model"]
   assert m["clips"] == 2 and np.isfinite(m["psnr"]) and m["psnr"] > 5.0
   assert {"r2_jaw_open", "r2_smile", "r2_head_pitch", "r2_jaw_open_original"} <= set(m)
+  # 4 frames per latent frame: the group's first frames are also scored alone.
+  assert {"r2_jaw_open_first", "r2_jaw_open_original_first"} <= set(m)
+  assert m["r2_jaw_open_original_first"] <= 1.0
   # The linear probe ran from 4 train clips' latents and coarse pixels (40 frames: 9 latent groups
   # each); a probe cannot beat a perfect fit, and an untrained VAE's latents are no better at it
   # than its pixels by much.

@@ -10,6 +10,9 @@ the reconstruction of batch["video"] (Outputs space "video": uint8 or [-1, 1] fl
                 against the true motion, for jaw_open, smile, head_pitch (the coefficients a
                 talking-listening generator must control; SYNTHDYAD.md §6)
   r2_<channel>_original  the same read from the original frames: the reader's own ceiling
+  r2_<channel>_first     (a model with `time_factor` > 1, e.g. Wan's VAE: 4) the same R² on the
+                         first frame of each latent group only (frames 1, 5, 9, …): the frame a
+                         causal temporal encoder keeps least easily
 
 With `probe_clips` > 0 (and a system whose `encode` returns "latent_self", e.g. the VAE), also a
 linear probe of whether the latents carry those coefficients at all, whatever the decoder does
@@ -166,10 +169,18 @@ def reconstruction(ctx: runner.Context, cfg: ml_collections.ConfigDict) -> dict[
         read[""].append(video.read_coefficients(r, ref)[0][:, idx])
         read["_original"].append(video.read_coefficients(o, ref)[0][:, idx])
       true = np.concatenate([t[:, idx] for t in batch["motion_self"]])
+      # A temporally compressing model (a video VAE: `time_factor` frames per latent frame after
+      # frame 0) keeps a group's first frame least easily; its R² alone shows that loss.
+      stride = int(getattr(ctx.model, "time_factor", 1) or 1)
+      clip_len = orig.shape[1]
+      first = np.tile((np.arange(clip_len) % stride == 1) if stride > 1 else
+                      np.zeros(clip_len, bool), len(orig))
       for suffix, got in read.items():
         got = np.concatenate(got)
         for j, c in enumerate(CHANNELS):
           m[f"r2_{c}{suffix}"] = r2(got[:, j], true[:, j])
+          if first.any():
+            m[f"r2_{c}{suffix}_first"] = r2(got[first, j], true[first, j])
     if probes is not None:
       xz, xp, y = _probe_data(encode, chunks, idx)
       n, per = len(y), len(CHANNELS)
